@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Start `safejax train` on every host of a Cloud TPU pod slice.
+#
+# A pod slice is a group of TPU VMs, and a multi-host JAX job needs the same
+# program running on all of them at the same time. `gcloud ... ssh
+# --worker=all` starts a command on every worker in parallel. Nothing else is
+# needed for the distributed setup: safejax calls jax.distributed.initialize()
+# itself, and on Cloud TPU JAX discovers the coordinator and process ids.
+#
+# The train arguments are passed through a second shell on each worker, so
+# they are re-quoted with printf %q; values with spaces or quotes arrive intact.
+set -euo pipefail
+
+prog=${0##*/}
+
+usage() {
+  cat <<USAGE
+Usage: $prog --tpu NAME --zone ZONE [options] -- TRAIN_ARGS...
+
+Run 'safejax train TRAIN_ARGS...' on all workers of the TPU VM slice NAME.
+
+Options:
+  --tpu NAME       TPU VM (pod slice) name (required)
+  --zone ZONE      its zone, e.g. us-central2-b (required)
+  --project P      GCP project (default: the one gcloud is configured with)
+  --repo-dir DIR   safejax checkout on the workers (default: safejax);
+                   a relative path is taken from the remote home directory
+  --setup          first run 'pip install -e .' in DIR on all workers
+  --dry-run        print the gcloud commands, one per line, and exit
+  -h, --help       show this help
+
+Example:
+  $prog --tpu my-v4-32 --zone us-central2-b -- \\
+      --gin_file=configs/base.gin --workdir=gs://bucket/run1
+USAGE
+}
+
+die() { echo "$prog: error: $*" >&2; exit 2; }
+need_value() { (($# >= 2)) || die "$1 needs a value"; }
+
+# Shell-quote each argument and join them with spaces.
+quote() { local s; printf -v s '%q ' "$@"; printf '%s' "${s% }"; }
+
+# Print a command as one line a shell can run. Like quote, except that words
+# with spaces or quotes are shown in single quotes, which reads more easily.
+show() {
+  local w line='' q="'" escaped_q="'\\''"
+  for w in "$@"; do
+    if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
+      :
+    elif [[ $w == *[[:cntrl:]]* ]]; then
+      w=$(printf '%q' "$w")
+    else
+      w="'${w//$q/$escaped_q}'"
+    fi
+    line+="${line:+ }$w"
+  done
+  printf '%s\n' "$line"
+}
+
+tpu='' zone='' project='' repo_dir=safejax setup=0 dry_run=0
+saw_separator=0
+while (($#)); do
+  case $1 in
+    --tpu) need_value "$@"; tpu=$2; shift ;;
+    --tpu=*) tpu=${1#*=} ;;
+    --zone) need_value "$@"; zone=$2; shift ;;
+    --zone=*) zone=${1#*=} ;;
+    --project) need_value "$@"; project=$2; shift ;;
+    --project=*) project=${1#*=} ;;
+    --repo-dir) need_value "$@"; repo_dir=$2; shift ;;
+    --repo-dir=*) repo_dir=${1#*=} ;;
+    --setup) setup=1 ;;
+    --dry-run) dry_run=1 ;;
+    -h | --help) usage; exit 0 ;;
+    --) shift; saw_separator=1; break ;;
+    *) die "unknown option '$1' (train arguments go after --)" ;;
+  esac
+  shift
+done
+
+[[ -n $tpu ]] || die "--tpu is required"
+[[ -n $zone ]] || die "--zone is required"
+((saw_separator && $# > 0)) || die "no train arguments given (put them after --)"
+
+ssh_cmd=(gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone")
+if [[ -n $project ]]; then ssh_cmd+=("--project=$project"); fi
+ssh_cmd+=(--worker=all)
+
+# ssh runs a non-login shell, which may not have pip's user script dir on PATH.
+in_repo="export PATH=\"\$HOME/.local/bin:\$PATH\" && cd $(quote "$repo_dir")"
+
+run() {
+  if ((dry_run)); then
+    show "$@"
+  else
+    "$@"
+  fi
+}
+
+if ((setup)); then
+  run "${ssh_cmd[@]}" "--command=$in_repo && python3 -m pip install -e ."
+fi
+run "${ssh_cmd[@]}" "--command=$in_repo && safejax train $(quote "$@")"

@@ -1,0 +1,89 @@
+"""The `safejax` console script: one subcommand per job, each with --help.
+
+A user mistake (UserError) prints one line `safejax: error: ...` and exits 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from safejax import errors
+
+
+def _quiet_native_logs() -> None:
+    """TensorFlow and XLA log a lot at start-up; keep the console for our output."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def _add_gin_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help="gin config file (repeatable; later files override earlier ones)")
+    parser.epilog = "Any --gin.NAME=VALUE argument binds a gin parameter or macro, e.g. --gin.TRAIN_STEPS=30."
+
+
+def cmd_train(args, bindings) -> int:
+    from safejax import config, parallel
+    from safejax.train import pretrain
+
+    parallel.initialize_distributed()
+    if not args.gin_file:
+        raise errors.UserError("train needs at least one --gin_file (e.g. configs/lm/tiny.gin)")
+    config.parse(args.gin_file, bindings)
+    summary = pretrain.train(args.workdir)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_bench(args, bindings) -> int:
+    from benchmarks import registry
+
+    return registry.run(args.name, args.extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safejax", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="pretrain or continue the decoder LM from gin configs")
+    _add_gin_args(train)
+    train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.gin go here")
+    train.set_defaults(run=cmd_train)
+
+    bench = sub.add_parser("bench", help="run a benchmark and print its figures as JSON lines")
+    bench.add_argument("name", help="which benchmark: train")
+    bench.add_argument("extra", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    bench.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_native_logs()
+    from safejax import config
+
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        bindings, rest = config.split_gin_args(argv)
+    except errors.UserError as e:
+        parser.exit(2, f"safejax: error: {e}\n")
+    args = parser.parse_args(rest)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return args.run(args, bindings)
+    except errors.UserError as e:
+        print(f"safejax: error: {' '.join(str(e).split(chr(10))[0].split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safejax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""gin configuration, T5X style: --gin_file (repeatable) and --gin.NAME=VALUE overrides.
+
+Every mistake in a config is turned into a one-line UserError naming the file or binding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import gin
+
+from safejax import errors
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def register_configurables() -> None:
+    """Imports every module that defines gin configurables, so bindings can name them."""
+    from safejax import parallel  # noqa: F401
+    from safejax.data import pipeline, tasks  # noqa: F401
+    from safejax.models import decoder  # noqa: F401
+    from safejax.train import optim, trainer  # noqa: F401
+
+
+def _find(path: str) -> str:
+    for candidate in (path, os.path.join(CONFIG_DIR, path)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise errors.UserError(f"gin file not found: {path}")
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+    """Parses gin files then bindings (later ones win). Raises UserError on any mistake."""
+    register_configurables()
+    gin.clear_config()
+    prefixes = gin.config._LOCATION_PREFIXES  # noqa: SLF001 (gin has no API to order search paths)
+    if CONFIG_DIR not in prefixes:
+        prefixes.insert(0, CONFIG_DIR)  # first, so includes do not log a miss in the cwd
+    files = [os.path.abspath(_find(f)) for f in gin_files]
+    for path in files:
+        try:
+            gin.parse_config_file(path)
+        except (ValueError, KeyError, SyntaxError, OSError, TypeError) as e:
+            raise errors.UserError(f"in gin file {path}: {_one_line(e)}") from e
+    for binding in bindings:
+        try:
+            gin.parse_config(binding)
+        except (ValueError, KeyError, SyntaxError, TypeError) as e:
+            raise errors.UserError(f"in binding '{binding}': {_one_line(e)}") from e
+
+
+def split_gin_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates `--gin.NAME=VALUE` arguments (as gin bindings) from the rest."""
+    bindings, rest = [], []
+    for arg in args:
+        if arg.startswith("--gin."):
+            name, sep, value = arg[len("--gin."):].partition("=")
+            if not sep or not name:
+                raise errors.UserError(f"expected --gin.NAME=VALUE, got {arg!r}")
+            bindings.append(f"{name} = {value}")
+        else:
+            rest.append(arg)
+    return bindings, rest
+
+
+def write_effective_config(workdir: str) -> str:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.gin")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(gin.config_str())
+    return path

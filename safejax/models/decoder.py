@@ -1,0 +1,139 @@
+"""A decoder-only Transformer language model of the Llama / SmolLM2 family, in Flax NNX.
+
+Read top to bottom: config, one block (pre-norm attention + pre-norm SwiGLU MLP), the stack.
+Inputs follow seqio's packed decoder features: token ids, positions within each packed document
+and segment ids (0 = padding), so packed documents never attend to each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU, attention_mask
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Model dimensions and numerics. Everything that changes the parameters' shapes lives here."""
+
+    vocab_size: int = 8192
+    num_layers: int = 2
+    d_model: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 0  # 0: same as num_heads (full multi-head attention)
+    head_dim: int = 0  # 0: d_model // num_heads
+    mlp_dim: int = 384
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots | dots_no_batch
+
+    def __post_init__(self):
+        if self.remat != "none" and self.remat not in REMAT_POLICIES:
+            raise ValueError(f"DecoderConfig.remat must be one of none, {', '.join(REMAT_POLICIES)}; "
+                             f"got {self.remat!r}")
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DecoderConfig.{name} must be positive, got {getattr(self, name)}")
+        if not self.head_dim and self.d_model % self.num_heads:
+            raise ValueError(f"DecoderConfig: d_model={self.d_model} is not divisible by "
+                             f"num_heads={self.num_heads}; set head_dim")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def shape_dict(self) -> dict:
+        """The fields that decide parameter shapes: two checkpoints are compatible iff these match."""
+        return {k: getattr(self, k) for k in ("vocab_size", "num_layers", "d_model", "num_heads",
+                                               "num_kv_heads", "head_dim", "mlp_dim", "tie_embeddings")}
+
+
+class DecoderBlock(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size,
+                              rope_base=cfg.rope_base, init_std=cfg.init_std, dtype=dt,
+                              param_dtype=pdt, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, dtype=dt,
+                          param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nnx.Module):
+    """Token ids -> next-token logits (fp32)."""
+
+    def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dt,
+                               param_dtype=pdt, rngs=rngs)
+        self.blocks = nnx.List([DecoderBlock(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.lm_head = None if cfg.tie_embeddings else Embedding(
+            cfg.vocab_size, cfg.d_model, init_std=cfg.init_std, dtype=dt, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        mask = attention_mask(segment_ids)
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = self._run_block(block, x, positions, mask)
+        x = self.final_norm(x)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return head.attend(x)
+
+    def _run_block(self, block, x, positions, mask):
+        if self.cfg.remat == "none":
+            return block(x, positions, mask)
+        policy = REMAT_POLICIES[self.cfg.remat]
+        return nnx.remat(lambda b, *args: b(*args), policy=policy)(block, x, positions, mask)
+
+
+def count_params(cfg: DecoderConfig) -> dict[str, int]:
+    """Parameter counts from the config alone: total, and the part that takes part in matmuls."""
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    per_layer = d * hd * (2 * h + 2 * kv) + 3 * d * cfg.mlp_dim + 2 * d
+    embed = cfg.vocab_size * d
+    total = cfg.num_layers * per_layer + d + embed * (1 if cfg.tie_embeddings else 2)
+    # The input lookup is a gather, not a matmul; the output head always is one.
+    matmul = cfg.num_layers * (per_layer - 2 * d) + embed
+    return {"total": total, "matmul": matmul}
+
+
+def flops_per_token(cfg: DecoderConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 per matmul weight plus causal attention.
+
+    Attention is counted as in the PaLM paper (12 * layers * heads * head_dim * seq_len), the
+    convention MaxText and most MFU reports use.
+    """
+    attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_size * seq_len
+    return 6 * count_params(cfg)["matmul"] + attn

@@ -1,0 +1,59 @@
+"""The language-modelling objective: which model to build, which batch features it reads, its loss.
+
+The trainer is generic; this is the part that knows it trains a decoder LM on seqio's packed
+decoder features (a classifier objective plugs into the same trainer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from safejax.models.decoder import Decoder, DecoderConfig, count_params, flops_per_token
+
+# seqio decoder feature -> the name used here
+FEATURES = {
+    "decoder_input_tokens": "tokens",
+    "decoder_target_tokens": "targets",
+    "decoder_loss_weights": "weights",
+    "decoder_positions": "positions",
+    "decoder_segment_ids": "segment_ids",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModelObjective:
+    model: DecoderConfig
+    seq_len: int
+
+    name = "lm"
+
+    def create_model(self, rngs: nnx.Rngs) -> Decoder:
+        return Decoder(self.model, rngs=rngs)
+
+    def loss(self, model: Decoder, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """Summed token cross-entropy and the summed weights (the caller divides, so that
+        gradient accumulation over microbatches equals one big batch exactly)."""
+        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        token_ll = jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
+        weights = batch["weights"].astype(jnp.float32)
+        return -(token_ll * weights).sum(), weights.sum()
+
+    def flops_per_example(self) -> float:
+        return flops_per_token(self.model, self.seq_len) * self.seq_len
+
+    def tokens_per_example(self) -> int:
+        return self.seq_len
+
+    def fingerprint(self) -> dict:
+        return {"objective": self.name, **self.model.shape_dict()}
+
+    def describe(self) -> dict:
+        m = self.model
+        return {"params": count_params(m)["total"], "layers": m.num_layers, "d_model": m.d_model,
+                "heads": m.num_heads, "kv_heads": m.kv_heads, "mlp": m.mlp_dim,
+                "vocab": m.vocab_size, "seq_len": self.seq_len}

@@ -1,0 +1,48 @@
+"""`safejax train`: pretrain (or continue) the decoder LM from gin configs.
+
+Everything comes from gin: model (DecoderConfig), data (DataConfig, the Task registered by
+jsonl_lm_task), loop (TrainConfig), optimizer (adamw, learning_rate_schedule), mesh
+(build_mesh, logical_rules). The effective config is written to WORKDIR/config.gin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+
+from safejax import config, parallel
+from safejax.data import pipeline
+from safejax.models.decoder import DecoderConfig
+from safejax.train import optim
+from safejax.train.lm import LanguageModelObjective
+from safejax.train.trainer import TrainConfig, Trainer, fit
+
+
+def build_trainer() -> tuple[Trainer, pipeline.DataConfig, object]:
+    """Builds the trainer, data config and lr schedule from the bound gin config."""
+    cfg = TrainConfig()
+    data = pipeline.DataConfig()
+    model = DecoderConfig()
+    mesh = parallel.build_mesh()
+    rules = parallel.logical_rules()
+    schedule = optim.learning_rate_schedule(cfg.steps)
+    objective = LanguageModelObjective(model, data.seq_len)
+    trainer = Trainer(objective, optim.adamw(schedule), cfg, mesh, rules, data.global_batch_size)
+    return trainer, data, schedule
+
+
+def train(workdir: str) -> dict:
+    """Trains to TrainConfig.steps in WORKDIR (resuming if it holds a checkpoint); returns a summary."""
+    trainer, data, schedule = build_trainer()
+    if jax.process_index() == 0:
+        config.write_effective_config(workdir)
+    logging.info("model %s on mesh %s", json.dumps(trainer.objective.describe()), dict(trainer.mesh.shape))
+    summary = fit(trainer, workdir, lambda position: pipeline.train_batches(data, position),
+                  pipeline.eval_batches(data), schedule)
+    summary.update(workdir=os.path.abspath(workdir),
+                   checkpoints=os.path.join(os.path.abspath(workdir), "checkpoints"),
+                   metrics=os.path.join(os.path.abspath(workdir), "metrics.jsonl"))
+    return summary

@@ -1,0 +1,307 @@
+"""The training loop: sharded state, a jit-compiled train step, evaluation, checkpoints, metrics.
+
+It is generic over an objective (what model, which loss): the decoder LM today, the safety
+classifier tomorrow. The train state is a plain dict of arrays, sharded by the logical axes the
+model declares:
+
+    {"params": ..., "opt_state": ..., "step": (), "nonfinite_steps": ()}
+
+`step` counts batches consumed (it is also the data position); a step whose loss or gradient is
+not finite consumes its batch but leaves params and optimizer untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from safejax import errors, hardware, parallel
+from safejax.train.checkpoint import Checkpointer, check_compatible
+from safejax.train.metrics import MetricsWriter, model_flops_utilization
+
+
+class NonFiniteError(errors.UserError):
+    """Raised when a step's loss or gradient is not finite and the config says to stop."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = gin.REQUIRED
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    eval_every: int = 0  # 0: evaluate only at the end
+    seed: int = 42
+    microbatches: int = 1  # gradient accumulation: the global batch is split into this many
+    on_nonfinite: str = "skip"  # skip: count the step and go on; stop: raise NonFiniteError
+    peak_flops_per_device: float = 0.0  # 0: the published peak, or measured on the CPU
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps <= 0:
+            raise errors.UserError(f"TRAIN_STEPS must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every <= 0:
+            raise errors.UserError(f"CHECKPOINT_EVERY must be a positive integer, got {self.checkpoint_every!r}")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise errors.UserError(f"TrainConfig.on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}")
+        if self.microbatches < 1:
+            raise errors.UserError(f"TrainConfig.microbatches must be >= 1, got {self.microbatches}")
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+class Trainer:
+    """Owns the sharded train state and the compiled steps for one objective on one mesh."""
+
+    def __init__(self, objective, optimizer: optax.GradientTransformation, cfg: TrainConfig,
+                 mesh, rules, global_batch_size: int):
+        self.objective, self.tx, self.cfg = objective, optimizer, cfg
+        self.mesh, self.rules = mesh, rules
+        self.global_batch_size = global_batch_size
+        self._check_batch()
+
+        abstract_model = nnx.eval_shape(lambda: objective.create_model(nnx.Rngs(0)))
+        self.graphdef, abstract_state = nnx.split(abstract_model)
+        param_axes = nnx.to_pure_dict(jax.tree.map(
+            lambda v: v.get_metadata()["logical_axes"], abstract_state, is_leaf=_is_variable))
+        param_shapes = abstract_state.to_pure_dict()
+        param_shardings = parallel.tree_shardings(param_axes, param_shapes, rules, mesh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        opt_shapes = jax.eval_shape(self.tx.init, param_shapes)
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, s: s, opt_shapes, param_shardings,
+            transform_non_params=lambda _: replicated)
+        self.state_shardings = {"params": param_shardings, "opt_state": opt_shardings,
+                                "step": replicated, "nonfinite_steps": replicated}
+        self.abstract_state = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            {"params": param_shapes, "opt_state": opt_shapes,
+             "step": jax.ShapeDtypeStruct((), jnp.int32),
+             "nonfinite_steps": jax.ShapeDtypeStruct((), jnp.int32)},
+            self.state_shardings)
+        self._batch_sharding = parallel.sharding_for(("batch", "length"), rules, mesh)
+
+        self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self._train_step = jax.jit(self._step, in_shardings=(self.state_shardings, self._batch_sharding),
+                                   out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+        self._eval_step = jax.jit(self._eval, in_shardings=(param_shardings, self._batch_sharding),
+                                  out_shardings=replicated)
+
+    def _check_batch(self):
+        dp = parallel.data_parallel_size(self.mesh, self.rules)
+        per_micro, rem = divmod(self.global_batch_size, self.cfg.microbatches)
+        if rem or per_micro % dp:
+            raise errors.UserError(
+                f"global batch {self.global_batch_size} is not divisible by the {dp} data shards "
+                f"x {self.cfg.microbatches} microbatches of the mesh {dict(self.mesh.shape)}")
+
+    # ---- pure functions, compiled in __init__ ----
+
+    def _init_state(self):
+        model = self.objective.create_model(nnx.Rngs(self.cfg.seed))
+        params = nnx.state(model).to_pure_dict()
+        return {"params": params, "opt_state": self.tx.init(params),
+                "step": jnp.zeros((), jnp.int32), "nonfinite_steps": jnp.zeros((), jnp.int32)}
+
+    def _loss_sums(self, params, batch):
+        with parallel.using(self.mesh, self.rules):
+            return self.objective.loss(nnx.merge(self.graphdef, params), batch)
+
+    def _gradients(self, params, batch):
+        """Mean loss and gradient over the batch, accumulated over microbatches if configured."""
+        grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
+        n = self.cfg.microbatches
+        if n == 1:
+            (loss_sum, weight), grads = grad_fn(params, batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+            def accumulate(carry, mb):
+                (loss_sum, weight), grads = grad_fn(params, mb)
+                acc_grads, acc_loss, acc_weight = carry
+                return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss_sum,
+                        acc_weight + weight), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, loss_sum, weight), _ = jax.lax.scan(
+                accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), micro)
+        weight = jnp.maximum(weight, 1.0)
+        return loss_sum / weight, jax.tree.map(lambda g: g / weight, grads)
+
+    def _step(self, state, batch):
+        params, opt_state = state["params"], state["opt_state"]
+        loss, grads = self._gradients(params, batch)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = self.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt_state, opt_state),
+                     "step": state["step"] + 1,
+                     "nonfinite_steps": state["nonfinite_steps"] + (~ok).astype(jnp.int32)}
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "applied": ok}
+
+    def _eval(self, params, batch):
+        loss_sum, weight = self._loss_sums(params, batch)
+        return jnp.stack([loss_sum, weight])
+
+    # ---- state lifecycle ----
+
+    def init_state(self):
+        return self._init()
+
+    def restore_or_init(self, checkpointer: Checkpointer):
+        step = checkpointer.latest_step()
+        if step is None:
+            return self.init_state(), 0
+        check_compatible(checkpointer.read_meta(step).get("model", {}), self.objective.fingerprint(),
+                         checkpointer.directory)
+        state, meta = checkpointer.restore(step, self.abstract_state)
+        logging.info("resumed from step %d in %s", step, checkpointer.directory)
+        return state, int(meta["data_position"])
+
+    def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return parallel.host_batch_to_global(host_batch, self.mesh, self.rules, self.global_batch_size)
+
+    def train_step(self, state, global_batch):
+        return self._train_step(state, global_batch)
+
+    def evaluate(self, params, host_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+        totals = np.zeros(2)
+        for b in host_batches:
+            totals += np.asarray(self._eval_step(params, self.global_batch(b)).addressable_data(0))
+        loss = totals[0] / max(totals[1], 1.0)
+        return {"eval_loss": float(loss), "eval_perplexity": float(np.exp(min(loss, 50.0)))}
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (single-process runs).
+
+    Multi-process runs use JAX's preemption sync point instead, so that every host stops at the
+    same step.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _scalar(x) -> float:
+    return np.asarray(x.addressable_data(0)).item()
+
+
+def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[dict]],
+        eval_batches: list, schedule: optax.Schedule | None = None) -> dict:
+    """Trains to `cfg.steps`, resuming from WORKDIR's latest checkpoint if there is one.
+
+    `batches_from(position)` gives this process's batches from a data position on. Metrics of a
+    step are read after the next step is dispatched, so the host never stalls the device.
+    Returns a summary: final step, status (completed | preempted), last losses.
+    """
+    cfg = trainer.cfg
+    checkpointer = Checkpointer(workdir, keep=cfg.keep_checkpoints, asynchronous=cfg.async_checkpoints)
+    state, position = trainer.restore_or_init(checkpointer)
+    start = int(_scalar(state["step"]))
+    writer = MetricsWriter(workdir)
+    peak = hardware.total_peak_flops(cfg.peak_flops_per_device)
+    examples = trainer.global_batch_size
+    tokens_per_step = trainer.objective.tokens_per_example() * examples
+    flops_per_token = trainer.objective.flops_per_example() / trainer.objective.tokens_per_example()
+    fingerprint = trainer.objective.fingerprint()
+    preemption = _Preemption()
+    bar = tqdm.tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
+                    disable=not (cfg.progress_bar and jax.process_index() == 0))
+    summary = {"start_step": start, "status": "completed", "peak_flops": peak}
+    pending = None  # (step, device metrics) of the last dispatched step
+    last_time = time.perf_counter()
+
+    def report(step, device_metrics):
+        nonlocal last_time
+        metrics = {k: _scalar(v) for k, v in device_metrics.items()}
+        now = time.perf_counter()
+        elapsed, last_time = now - last_time, now
+        tokens_per_sec = tokens_per_step / elapsed
+        record = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                  "applied": bool(metrics["applied"]), "tokens_per_sec": tokens_per_sec,
+                  "mfu": model_flops_utilization(flops_per_token, tokens_per_sec, peak),
+                  "step_time_s": elapsed}
+        if schedule is not None:
+            record["lr"] = float(schedule(step - 1))
+        writer.write(step, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+        summary["loss"] = metrics["loss"]
+        if not record["applied"]:
+            logging.warning("step %d: non-finite loss or gradient, update skipped", step)
+            if cfg.on_nonfinite == "stop":
+                raise NonFiniteError(f"step {step}: loss or gradient is not finite (loss={metrics['loss']}, "
+                                     f"grad_norm={metrics['grad_norm']}); stopping because "
+                                     f"TrainConfig.on_nonfinite = 'stop'")
+
+    def save(step, force=False):
+        meta = {"step": step, "data_position": step, "model": fingerprint}
+        checkpointer.save(step, state, meta, force=force)
+
+    try:
+        batches = batches_from(position)
+        for step in range(start + 1, cfg.steps + 1):
+            state, device_metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
+            if pending:
+                report(*pending)
+            pending = (step, device_metrics)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save(step)
+            if eval_batches and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                writer.write(step, trainer.evaluate(state["params"], eval_batches))
+            if preemption.reached(step):
+                report(*pending)
+                pending = None
+                if step % cfg.checkpoint_every:
+                    save(step, force=True)
+                summary["status"] = "preempted"
+                break
+        if pending:
+            report(*pending)
+        if eval_batches and summary["status"] == "completed":
+            result = trainer.evaluate(state["params"], eval_batches)
+            writer.write(cfg.steps, result)
+            summary.update(result)
+    finally:
+        bar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+        preemption.restore()
+    summary["step"] = int(_scalar(state["step"]))
+    summary["nonfinite_steps"] = int(_scalar(state["nonfinite_steps"]))
+    return summary

@@ -1,0 +1,35 @@
+"""safejax: language-model pretraining with safety built into the data, on JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="safejax",
+    version="0.1.0",
+    description="Safety pretraining for language models: data, training, sampling and evaluation on JAX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["safejax", "safejax.*", "benchmarks", "benchmarks.*"]),
+    package_data={"safejax": ["assets/corpus/*", "assets/vocab/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "gin-config>=0.5.0",
+        "seqio==0.0.20",  # unmaintained since 2025-08: only safejax/data touches it
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-text>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.10",
+        "sentencepiece==0.2.1",  # 0.2.3 needs protobuf >= 7, which apache-beam 2.77 refuses
+        "numpy>=2.0",
+        "tensorboard>=2.21",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    },
+    entry_points={"console_scripts": ["safejax=safejax.cli:main"]},
+)
