@@ -40,10 +40,11 @@ def _local_batch_size(cfg: DataConfig) -> int:
 
 
 def _dataset(cfg: DataConfig, split: str, *, train: bool) -> tf.data.Dataset:
+    """Shuffled (with the fixed seed) in both cases: held-out batches then mix every source."""
     shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
     return seqio.get_dataset(
         cfg.task, {"targets": cfg.seq_len}, seqio.DecoderFeatureConverter(pack=cfg.pack),
-        dataset_split=split, shuffle=train, num_epochs=None if train else 1, shard_info=shard,
+        dataset_split=split, shuffle=True, num_epochs=None if train else 1, shard_info=shard,
         seed=cfg.seed, batch_size=_local_batch_size(cfg), verbose=False)
 
 

@@ -21,6 +21,9 @@ BUNDLED_VOCAB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets
                              "bundled_8k.model")
 
 
+DOCUMENTS_INTERLEAVED = 64
+
+
 def split_into_chunks(dataset: tf.data.Dataset, sequence_length, output_features) -> tf.data.Dataset:
     """Appends EOS to each tokenized document and splits it into pieces of the target length."""
     size = sequence_length["targets"]
@@ -34,7 +37,9 @@ def split_into_chunks(dataset: tf.data.Dataset, sequence_length, output_features
         return tf.data.Dataset.from_tensor_slices(
             {"targets": tf.RaggedTensor.from_row_lengths(tokens, lengths)})
 
-    return dataset.flat_map(chunks)
+    # Round-robin over many documents, so consecutive chunks rarely come from one document even
+    # before the shuffle buffer (a long thread would otherwise fill whole batches by itself).
+    return dataset.interleave(chunks, cycle_length=DOCUMENTS_INTERLEAVED, block_length=1)
 
 
 @gin.configurable

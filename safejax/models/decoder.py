@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from safejax import errors
 from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU, attention_mask
 
 REMAT_POLICIES = {
@@ -45,13 +46,13 @@ class DecoderConfig:
 
     def __post_init__(self):
         if self.remat != "none" and self.remat not in REMAT_POLICIES:
-            raise ValueError(f"DecoderConfig.remat must be one of none, {', '.join(REMAT_POLICIES)}; "
+            raise errors.UserError(f"DecoderConfig.remat must be one of none, {', '.join(REMAT_POLICIES)}; "
                              f"got {self.remat!r}")
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"DecoderConfig.{name} must be positive, got {getattr(self, name)}")
+                raise errors.UserError(f"DecoderConfig.{name} must be positive, got {getattr(self, name)}")
         if not self.head_dim and self.d_model % self.num_heads:
-            raise ValueError(f"DecoderConfig: d_model={self.d_model} is not divisible by "
+            raise errors.UserError(f"DecoderConfig: d_model={self.d_model} is not divisible by "
                              f"num_heads={self.num_heads}; set head_dim")
 
     @property

@@ -21,12 +21,15 @@ from safejax.train.lm import LanguageModelObjective
 from safejax.train.trainer import TrainConfig, Trainer, fit
 
 
-def build_trainer() -> tuple[Trainer, pipeline.DataConfig, object]:
-    """Builds the trainer, data config and lr schedule from the bound gin config."""
+def build_trainer(devices=None) -> tuple[Trainer, pipeline.DataConfig, object]:
+    """Builds the trainer, data config and lr schedule from the bound gin config.
+
+    `devices` restricts the mesh to some devices (tests compare a sharded run with one device).
+    """
     cfg = TrainConfig()
     data = pipeline.DataConfig()
     model = DecoderConfig()
-    mesh = parallel.build_mesh()
+    mesh = parallel.build_mesh(devices=devices)
     rules = parallel.logical_rules()
     schedule = optim.learning_rate_schedule(cfg.steps)
     objective = LanguageModelObjective(model, data.seq_len)

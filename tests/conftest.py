@@ -1,0 +1,32 @@
+"""Test setup: 8 simulated CPU devices (set before JAX starts) and small, fast training configs."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "lm", "tiny.gin")
+
+# Bindings that keep a tiny run to seconds: short shuffle buffer, one eval batch, no warmup wait.
+FAST = [
+    "jsonl_lm_task.shuffle_buffer_size = 64",
+    "DataConfig.eval_batches = 1",
+    "TrainConfig.progress_bar = False",
+    "SEQ_LEN = 64",
+]
+
+
+@pytest.fixture
+def tiny_config():
+    """Parses the tiny LM config plus FAST; returns a function to add more bindings."""
+    from safejax import config
+
+    def parse(*bindings):
+        config.parse([TINY], FAST + list(bindings))
+
+    parse()
+    return parse

@@ -1,0 +1,111 @@
+"""The decoder's behaviour: causality, packed-document isolation, GQA, parameter naming and counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from safejax.models.decoder import Decoder, DecoderConfig, count_params
+
+CFG = DecoderConfig(vocab_size=256, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
+                    mlp_dim=128, dtype="float32")
+
+
+def _model(cfg=CFG, seed=0):
+    return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def test_logits_shape_and_dtype():
+    tokens = jnp.ones((2, 16), jnp.int32)
+    logits = _model()(tokens)
+    assert logits.shape == (2, 16, CFG.vocab_size)
+    assert logits.dtype == jnp.float32
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, CFG.vocab_size, size=(1, 12))
+    changed = tokens.copy()
+    changed[0, 8:] = rng.integers(4, CFG.vocab_size, size=4)
+    model = _model()
+    a, b = model(jnp.asarray(tokens)), model(jnp.asarray(changed))
+    np.testing.assert_allclose(a[0, :8], b[0, :8], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(a[0, 8:], b[0, 8:])
+
+
+def test_packed_documents_do_not_see_each_other():
+    """A document packed after another gives the same logits as the document alone."""
+    rng = np.random.default_rng(1)
+    first, second = rng.integers(4, CFG.vocab_size, size=7), rng.integers(4, CFG.vocab_size, size=5)
+    packed = np.concatenate([first, second])[None]
+    segments = np.array([[1] * 7 + [2] * 5])
+    positions = np.array([list(range(7)) + list(range(5))])
+    model = _model()
+    together = model(jnp.asarray(packed), jnp.asarray(positions), jnp.asarray(segments))
+    alone = model(jnp.asarray(second[None]))
+    np.testing.assert_allclose(together[0, 7:], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_attention_equals_multi_head_with_repeated_kv():
+    """GQA with K/V heads shared by query groups == MHA whose K/V heads are those copies."""
+    gqa = _model()
+    mha_cfg = DecoderConfig(**{**CFG.__dict__, "num_kv_heads": 0})
+    mha = _model(mha_cfg, seed=1)
+    groups = CFG.num_heads // CFG.kv_heads
+    for g_block, m_block in zip(gqa.blocks, mha.blocks):
+        for name in ("wq", "wo"):
+            getattr(m_block.attn, name)[...] = getattr(g_block.attn, name)[...]
+        for name in ("wk", "wv"):
+            getattr(m_block.attn, name)[...] = jnp.repeat(getattr(g_block.attn, name)[...], groups, axis=1)
+        m_block.mlp, m_block.attn_norm, m_block.mlp_norm = g_block.mlp, g_block.attn_norm, g_block.mlp_norm
+    mha.embed, mha.final_norm = gqa.embed, gqa.final_norm
+    tokens = jnp.asarray(np.random.default_rng(2).integers(4, CFG.vocab_size, size=(2, 10)))
+    np.testing.assert_allclose(gqa(tokens), mha(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_every_parameter_has_logical_axes_matching_its_rank():
+    state = nnx.state(_model())
+    variables = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert variables
+    for v in variables:
+        axes = v.get_metadata()["logical_axes"]
+        assert len(axes) == v[...].ndim
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_param_count_matches_config_formula(tie):
+    cfg = DecoderConfig(**{**CFG.__dict__, "tie_embeddings": tie})
+    state = nnx.state(_model(cfg))
+    actual = sum(x.size for x in jax.tree.leaves(state))
+    assert actual == count_params(cfg)["total"]
+
+
+def test_rope_base_changes_the_function():
+    tokens = jnp.asarray(np.random.default_rng(3).integers(4, CFG.vocab_size, size=(1, 10)))
+    a = _model(CFG)(tokens)
+    b = _model(DecoderConfig(**{**CFG.__dict__, "rope_base": 500.0}))(tokens)
+    assert not np.allclose(a, b)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_does_not_change_gradients(policy):
+    tokens = jnp.asarray(np.random.default_rng(4).integers(4, CFG.vocab_size, size=(2, 8)))
+
+    def grads(cfg):
+        model = _model(cfg)
+        graphdef, params = nnx.split(model)
+        loss = lambda p: nnx.merge(graphdef, p)(tokens).mean()  # noqa: E731
+        return jax.tree.leaves(jax.grad(loss)(params))
+
+    plain = grads(CFG)
+    remat = grads(DecoderConfig(**{**CFG.__dict__, "remat": policy}))
+    for a, b in zip(plain, remat):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bad_config_values_are_rejected():
+    with pytest.raises(ValueError, match="remat"):
+        DecoderConfig(remat="sometimes")
+    with pytest.raises(ValueError, match="divisible"):
+        DecoderConfig(d_model=100, num_heads=3)
