@@ -8,6 +8,8 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from collections.abc import Iterator
 
 import gin
@@ -62,6 +64,34 @@ def train_batches(cfg: DataConfig, start: int = 0) -> Iterator[dict[str, np.ndar
     ds = _dataset(cfg, "train", train=True).skip(start)
     for batch in ds.as_numpy_iterator():
         yield _to_model_features(batch)
+
+
+def in_background(iterator: Iterator, buffer: int = 2) -> Iterator:
+    """Starts running `iterator` in a thread now, `buffer` items ahead, keeping its order.
+
+    The first batches are then ready when the train step has compiled, and later ones are made
+    while the device computes. An exception in the producer is raised in the consumer.
+    """
+    items: queue.Queue = queue.Queue(maxsize=buffer)
+    done = object()
+
+    def produce():
+        try:
+            for item in iterator:
+                items.put(item)
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+            items.put(e)
+        items.put(done)
+
+    threading.Thread(target=produce, daemon=True, name="batches").start()
+
+    def consume():
+        while (item := items.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    return consume()
 
 
 def eval_batches(cfg: DataConfig) -> list[dict[str, np.ndarray]]:

@@ -43,6 +43,10 @@ class LanguageModelObjective:
         weights = batch["weights"].astype(jnp.float32)
         return -(token_ll * weights).sum(), weights.sum()
 
+    def batch_features(self) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
+        """Per-example shape and dtype of each batch feature the loss reads."""
+        return {name: ((self.seq_len,), jnp.int32) for name in FEATURES.values()}
+
     def flops_per_example(self) -> float:
         return flops_per_token(self.model, self.seq_len) * self.seq_len
 

@@ -43,8 +43,9 @@ def train(workdir: str) -> dict:
     if jax.process_index() == 0:
         config.write_effective_config(workdir)
     logging.info("model %s on mesh %s", json.dumps(trainer.objective.describe()), dict(trainer.mesh.shape))
-    summary = fit(trainer, workdir, lambda position: pipeline.train_batches(data, position),
-                  pipeline.eval_batches(data), schedule)
+    summary = fit(trainer, workdir,
+                  lambda position: pipeline.in_background(pipeline.train_batches(data, position)),
+                  lambda: pipeline.eval_batches(data), schedule)
     summary.update(workdir=os.path.abspath(workdir),
                    checkpoints=os.path.join(os.path.abspath(workdir), "checkpoints"),
                    metrics=os.path.join(os.path.abspath(workdir), "metrics.jsonl"))

@@ -12,6 +12,7 @@ not finite consumes its batch but leaves params and optimizer untouched.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import signal
@@ -97,6 +98,7 @@ class Trainer:
         self._batch_sharding = parallel.sharding_for(("batch", "length"), rules, mesh)
 
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self._compiled_step = None
         self._train_step = jax.jit(self._step, in_shardings=(self.state_shardings, self._batch_sharding),
                                    out_shardings=(self.state_shardings, replicated), donate_argnums=0)
         self._eval_step = jax.jit(self._eval, in_shardings=(param_shardings, self._batch_sharding),
@@ -165,21 +167,37 @@ class Trainer:
     def init_state(self):
         return self._init()
 
-    def restore_or_init(self, checkpointer: Checkpointer):
+    def resume_point(self, checkpointer: Checkpointer) -> tuple[int | None, int]:
+        """The latest checkpoint step (None: start fresh) and the data position to resume at.
+
+        Reads only the JSON record, so an incompatible checkpoint is refused before any array
+        is touched.
+        """
         step = checkpointer.latest_step()
         if step is None:
-            return self.init_state(), 0
-        check_compatible(checkpointer.read_meta(step).get("model", {}), self.objective.fingerprint(),
-                         checkpointer.directory)
-        state, meta = checkpointer.restore(step, self.abstract_state)
+            return None, 0
+        meta = checkpointer.read_meta(step)
+        check_compatible(meta.get("model", {}), self.objective.fingerprint(), checkpointer.directory)
+        return step, int(meta["data_position"])
+
+    def load_state(self, checkpointer: Checkpointer, step: int | None):
+        if step is None:
+            return self.init_state()
+        state, _ = checkpointer.restore(step, self.abstract_state)
         logging.info("resumed from step %d in %s", step, checkpointer.directory)
-        return state, int(meta["data_position"])
+        return state
+
+    def compile(self) -> None:
+        """Compiles the train step ahead of time (while the input pipeline warms up)."""
+        batch = {name: jax.ShapeDtypeStruct((self.global_batch_size, *shape), dtype, sharding=self._batch_sharding)
+                 for name, (shape, dtype) in self.objective.batch_features().items()}
+        self._compiled_step = self._train_step.lower(self.abstract_state, batch).compile()
 
     def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return parallel.host_batch_to_global(host_batch, self.mesh, self.rules, self.global_batch_size)
 
     def train_step(self, state, global_batch):
-        return self._train_step(state, global_batch)
+        return (self._compiled_step or self._train_step)(state, global_batch)
 
     def evaluate(self, params, host_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
         totals = np.zeros(2)
@@ -221,16 +239,22 @@ def _scalar(x) -> float:
 
 
 def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[dict]],
-        eval_batches: list, schedule: optax.Schedule | None = None) -> dict:
+        load_eval_batches: Callable[[], list], schedule: optax.Schedule | None = None) -> dict:
     """Trains to `cfg.steps`, resuming from WORKDIR's latest checkpoint if there is one.
 
-    `batches_from(position)` gives this process's batches from a data position on. Metrics of a
-    step are read after the next step is dispatched, so the host never stalls the device.
-    Returns a summary: final step, status (completed | preempted), last losses.
+    `batches_from(position)` gives this process's batches from a data position on; it and
+    `load_eval_batches` run in threads, so the input pipeline warms up while the steps compile.
+    Metrics of a step are read after the next step is dispatched, so the host never stalls the
+    device. Returns a summary: final step, status (completed | preempted), last losses.
     """
     cfg = trainer.cfg
     checkpointer = Checkpointer(workdir, keep=cfg.keep_checkpoints, asynchronous=cfg.async_checkpoints)
-    state, position = trainer.restore_or_init(checkpointer)
+    resume_step, position = trainer.resume_point(checkpointer)
+    batches = batches_from(position)
+    eval_loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eval_batches")
+    eval_future = eval_loader.submit(load_eval_batches)
+    state = trainer.load_state(checkpointer, resume_step)
+    trainer.compile()
     start = int(_scalar(state["step"]))
     writer = MetricsWriter(workdir)
     peak = hardware.total_peak_flops(cfg.peak_flops_per_device)
@@ -273,7 +297,6 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
         checkpointer.save(step, state, meta, force=force)
 
     try:
-        batches = batches_from(position)
         for step in range(start + 1, cfg.steps + 1):
             state, device_metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
             if pending:
@@ -281,8 +304,8 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
             pending = (step, device_metrics)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save(step)
-            if eval_batches and cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-                writer.write(step, trainer.evaluate(state["params"], eval_batches))
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and eval_future.result():
+                writer.write(step, trainer.evaluate(state["params"], eval_future.result()))
             if preemption.reached(step):
                 report(*pending)
                 pending = None
@@ -292,11 +315,12 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
                 break
         if pending:
             report(*pending)
-        if eval_batches and summary["status"] == "completed":
-            result = trainer.evaluate(state["params"], eval_batches)
+        if summary["status"] == "completed" and eval_future.result():
+            result = trainer.evaluate(state["params"], eval_future.result())
             writer.write(cfg.steps, result)
             summary.update(result)
     finally:
+        eval_loader.shutdown(wait=False, cancel_futures=True)
         bar.close()
         checkpointer.wait()
         checkpointer.close()
