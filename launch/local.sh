@@ -30,24 +30,8 @@ Example:
 USAGE
 }
 
-die() { echo "$prog: error: $*" >&2; exit 2; }
-need_value() { (($# >= 2)) || die "$1 needs a value"; }
-
-# Print a command as one line a shell can run.
-show() {
-  local w line='' q="'" escaped_q="'\\''"
-  for w in "$@"; do
-    if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      :
-    elif [[ $w == *[[:cntrl:]]* ]]; then
-      w=$(printf '%q' "$w")
-    else
-      w="'${w//$q/$escaped_q}'"
-    fi
-    line+="${line:+ }$w"
-  done
-  printf '%s\n' "$line"
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 processes='' port=12355 dry_run=0 saw_separator=0
 while (($#)); do

@@ -35,28 +35,11 @@ Example:
 USAGE
 }
 
-die() { echo "$prog: error: $*" >&2; exit 2; }
-need_value() { (($# >= 2)) || die "$1 needs a value"; }
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # Shell-quote each argument and join them with spaces.
 quote() { local s; printf -v s '%q ' "$@"; printf '%s' "${s% }"; }
-
-# Print a command as one line a shell can run. Like quote, except that words
-# with spaces or quotes are shown in single quotes, which reads more easily.
-show() {
-  local w line='' q="'" escaped_q="'\\''"
-  for w in "$@"; do
-    if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      :
-    elif [[ $w == *[[:cntrl:]]* ]]; then
-      w=$(printf '%q' "$w")
-    else
-      w="'${w//$q/$escaped_q}'"
-    fi
-    line+="${line:+ }$w"
-  done
-  printf '%s\n' "$line"
-}
 
 tpu='' zone='' project='' repo_dir=safejax setup=0 dry_run=0
 saw_separator=0
