@@ -146,3 +146,16 @@ def test_help_lists_the_commands():
                          env=_env(), cwd=REPO, timeout=120)
     assert out.returncode == 0 and "train" in out.stdout and "bench" in out.stdout
 
+
+
+@pytest.mark.slow
+def test_bench_train_prints_the_figures_as_json():
+    out = subprocess.run([sys.executable, "-m", "safejax.cli", "bench", "train", "--configs", "tiny",
+                          "--steps", "2", "--warmup", "1"], capture_output=True, text=True, env=_env(devices=1),
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    required = {"config", "tokens_per_sec", "mfu", "peak_flops", "params", "devices", "layers", "d_model",
+                "heads", "mlp", "vocab", "seq_len", "batch"}
+    assert required <= record.keys()
+    assert record["config"] == "tiny" and record["tokens_per_sec"] > 0 and 0 < record["mfu"] < 1
