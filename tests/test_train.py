@@ -116,3 +116,11 @@ def test_global_batch_must_divide_over_data_shards(tiny_config):
     tiny_config("MESH_SHAPE = (2, 2, 2)", "BATCH_SIZE = 6")
     with pytest.raises(errors.UserError, match="global batch 6 is not divisible by the 4 data shards"):
         pretrain.build_trainer()
+
+
+def test_resume_on_a_different_mesh_reshards_the_checkpoint(tiny_config, tmp_path):
+    tiny_config("TRAIN_STEPS = 2", "CHECKPOINT_EVERY = 2", "DataConfig.eval_batches = 0", "MESH_SHAPE = (2, 2, 2)")
+    pretrain.train(str(tmp_path))
+    tiny_config("TRAIN_STEPS = 3", "CHECKPOINT_EVERY = 3", "DataConfig.eval_batches = 0", "MESH_SHAPE = (1, 4, 2)")
+    summary = pretrain.train(str(tmp_path))
+    assert summary["start_step"] == 2 and summary["step"] == 3 and np.isfinite(summary["loss"])
