@@ -39,6 +39,21 @@ def cmd_train(args, bindings) -> int:
     return 0
 
 
+def cmd_vocab(args, bindings) -> int:
+    from safejax import vocab
+    from safejax.data import sources
+
+    if args.from_model:
+        path = vocab.add_reserved_tokens(args.from_model, args.output)
+    else:
+        files = sources.expand_files(args.input) if args.input else sources.bundled_corpus_files()
+        path = vocab.train_sentencepiece(sources.iter_texts(files), args.output,
+                                         vocab_size=args.vocab_size, model_type=args.model_type)
+    ids = vocab.reserved_ids(vocab.load_vocabulary(path))
+    print(json.dumps({"model": os.path.abspath(path), "reserved_ids": ids}))
+    return 0
+
+
 def cmd_bench(args, bindings) -> int:
     from benchmarks import registry
 
@@ -54,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gin_args(train)
     train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.gin go here")
     train.set_defaults(run=cmd_train)
+
+    voc = sub.add_parser("vocab", help="train a SentencePiece vocabulary with the reserved tokens "
+                                        "(harm tag, role markers), or add them to an existing one")
+    voc.add_argument("--input", nargs="+", help="JSONL(.gz) files or globs (default: the bundled corpus)")
+    voc.add_argument("--output", required=True, help="where to write the .model file")
+    voc.add_argument("--vocab_size", type=int, default=8192)
+    voc.add_argument("--model_type", choices=("unigram", "bpe"), default="unigram")
+    voc.add_argument("--from_model", help="existing SentencePiece model to add the reserved tokens to")
+    voc.set_defaults(run=cmd_vocab)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its figures as JSON lines")
     bench.add_argument("name", help="which benchmark: train")

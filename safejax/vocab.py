@@ -2,20 +2,29 @@
 
 The ids of the special pieces are fixed (pad 0, eos 1, unk 2, bos 3) because seqio's feature
 converters treat id 0 as padding and id 1 as end of sequence.
+
+Reserved tokens (the harm tag and the dialogue role markers) are SentencePiece *control* pieces:
+each is one id, and encoding text never produces it. So a document whose raw text contains
+`<potentially unsafe content>` literally gets ordinary pieces for it, never the tag id: web text
+cannot forge a tag. Tags are inserted as ids, after tokenization (safety/tagging).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import seqio
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from safejax import errors
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
+HARM_TAG = "<potentially unsafe content>"
+ROLE_MARKERS = ("<|user|>", "<|assistant|>", "<|end_of_turn|>")
+RESERVED_TOKENS = (HARM_TAG, *ROLE_MARKERS)
 
 
 def train_sentencepiece(
@@ -27,8 +36,12 @@ def train_sentencepiece(
     character_coverage: float = 0.9995,
     max_sentence_length: int = 16384,
     seed_sentences: int = 2_000_000,
+    reserved: Sequence[str] = RESERVED_TOKENS,
 ) -> str:
-    """Trains a SentencePiece model on `texts` and writes `model_path` (a .model file)."""
+    """Trains a SentencePiece model on `texts` and writes `model_path` (a .model file).
+
+    The reserved tokens take the ids right after the special ones (4, 5, ...).
+    """
     if model_type not in ("unigram", "bpe"):
         raise errors.UserError(f"vocab: model_type must be 'unigram' or 'bpe', got {model_type!r}")
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
@@ -52,6 +65,7 @@ def train_sentencepiece(
             byte_fallback=True,
             split_digits=True,
             pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+            control_symbols=list(reserved),
             input_sentence_size=seed_sentences,
             shuffle_input_sentence=True,
             max_sentence_length=max_sentence_length,
@@ -60,7 +74,59 @@ def train_sentencepiece(
         )
     finally:
         os.unlink(corpus_file)
+    vocab_file = model_path.removesuffix(".model") + ".vocab"
+    if os.path.exists(vocab_file):  # a human-readable listing we do not use
+        os.unlink(vocab_file)
     return model_path
+
+
+def add_reserved_tokens(model_path: str, output_path: str, reserved: Sequence[str] = RESERVED_TOKENS) -> str:
+    """Copies an existing SentencePiece model (e.g. a 32k or 49k vocabulary), appending the
+    reserved tokens as control pieces at the end of its id range.
+
+    A reserved token that the model already has as an ordinary piece would make raw text able to
+    forge it, so that is an error rather than something to patch silently.
+    """
+    model = _read_model(model_path)
+    existing = {p.piece: p for p in model.pieces}
+    for token in reserved:
+        piece = existing.get(token)
+        if piece is None:
+            model.pieces.add(piece=token, score=0.0, type=model_pb2.ModelProto.SentencePiece.CONTROL)
+        elif piece.type != model_pb2.ModelProto.SentencePiece.CONTROL:
+            raise errors.UserError(f"{model_path}: {token!r} is an ordinary piece of this vocabulary; "
+                                   f"text could produce it, so it cannot be a reserved token")
+    model.trainer_spec.vocab_size = len(model.pieces)
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    with open(output_path, "wb") as f:
+        f.write(model.SerializeToString())
+    return output_path
+
+
+def _read_model(model_path: str) -> model_pb2.ModelProto:
+    model = model_pb2.ModelProto()
+    try:
+        with open(model_path, "rb") as f:
+            model.ParseFromString(f.read())
+    except OSError as e:
+        raise errors.UserError(f"cannot read SentencePiece model {model_path}: {e.strerror}") from e
+    except Exception as e:  # protobuf's DecodeError
+        raise errors.UserError(f"{model_path} is not a SentencePiece model ({type(e).__name__})") from e
+    return model
+
+
+def reserved_ids(vocabulary: seqio.SentencePieceVocabulary,
+                 reserved: Sequence[str] = RESERVED_TOKENS) -> dict[str, int]:
+    """Id of each reserved token; a clear error for a vocabulary made without them."""
+    processor = vocabulary.tokenizer
+    ids = {}
+    for token in reserved:
+        token_id = processor.piece_to_id(token)
+        if token_id == processor.unk_id() or not processor.is_control(token_id):
+            raise errors.UserError(f"vocabulary {vocabulary.sentencepiece_model_file} has no reserved "
+                                   f"token {token!r}; make it with `safejax vocab`")
+        ids[token] = token_id
+    return ids
 
 
 def load_vocabulary(model_path: str) -> seqio.SentencePieceVocabulary:
