@@ -12,7 +12,6 @@ cannot forge a tag. Tags are inserted as ids, after tokenization (safety/tagging
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import seqio
@@ -45,39 +44,50 @@ def train_sentencepiece(
     if model_type not in ("unigram", "bpe"):
         raise errors.UserError(f"vocab: model_type must be 'unigram' or 'bpe', got {model_type!r}")
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
-        n = 0
-        for text in texts:
-            for line in text.splitlines():
-                if line.strip():
-                    f.write(line.strip()[:max_sentence_length] + "\n")
-                    n += 1
-        corpus_file = f.name
-    if n == 0:
-        raise errors.UserError("vocab: the training corpus has no non-empty lines")
-    try:
-        spm.SentencePieceTrainer.train(
-            input=corpus_file,
-            model_prefix=model_path.removesuffix(".model"),
-            vocab_size=vocab_size,
-            model_type=model_type,
-            character_coverage=character_coverage,
-            byte_fallback=True,
-            split_digits=True,
-            pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
-            control_symbols=list(reserved),
-            input_sentence_size=seed_sentences,
-            shuffle_input_sentence=True,
-            max_sentence_length=max_sentence_length,
-            num_threads=os.cpu_count() or 1,
-            minloglevel=2,
-        )
-    finally:
-        os.unlink(corpus_file)
+    pieces = _training_pieces(texts, max_sentence_length)
+    if not pieces:
+        raise errors.UserError("vocab: the training corpus is empty")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(pieces),
+        model_prefix=model_path.removesuffix(".model"),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=True,
+        split_digits=True,
+        # Text must survive a round trip: keep newlines, runs of spaces and the exact
+        # characters (no NFKC), as Llama- and Gemma-style vocabularies do.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+        control_symbols=list(reserved),
+        input_sentence_size=seed_sentences,
+        shuffle_input_sentence=True,
+        max_sentence_length=max_sentence_length,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
     vocab_file = model_path.removesuffix(".model") + ".vocab"
     if os.path.exists(vocab_file):  # a human-readable listing we do not use
         os.unlink(vocab_file)
     return model_path
+
+
+def _training_pieces(texts: Iterable[str], max_bytes: int) -> list[str]:
+    """Documents cut at line ends into pieces under SentencePiece's sentence limit, newlines kept
+    inside, so the vocabulary learns newline and indentation pieces."""
+    pieces = []
+    for text in texts:
+        current = ""
+        for line in text.splitlines(keepends=True):
+            if current and len((current + line).encode()) > max_bytes:
+                pieces.append(current)
+                current = ""
+            current += line[: max_bytes // 4]  # a pathological line longer than the limit
+        if current.strip():
+            pieces.append(current)
+    return pieces
 
 
 def add_reserved_tokens(model_path: str, output_path: str, reserved: Sequence[str] = RESERVED_TOKENS) -> str:

@@ -75,3 +75,8 @@ def test_not_a_model_file_is_a_clear_error(tmp_path, capsys):
     bad.write_bytes(b"\xff\x00 not a protobuf")
     assert cli.main(["vocab", "--from_model", str(bad), "--output", str(tmp_path / "o.model")]) == 2
     assert "is not a SentencePiece model" in capsys.readouterr().err
+
+
+def test_text_round_trips_exactly_with_newlines_and_spaces():
+    text = "Title\n\nFirst line.\n  indented  twice\tand a tab, digits 2024, café, 東京."
+    assert BUNDLED.decode(BUNDLED.encode(text)) == text
