@@ -113,12 +113,15 @@ class Attention(nnx.Module):
 
         b, t, n, h = q.shape
         kv = k.shape[2]
-        q = q.reshape(b, t, kv, n // kv, h) * (h ** -0.5)  # query groups share one K/V head
-        logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+        # Head-major layout for the two batched matmuls (measured faster on XLA:CPU); query
+        # groups of size n // kv share one K/V head.
+        q = (q * h**-0.5).reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # b k g t h
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # b k s h
+        logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
         logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
-        out = constrain(out, ("batch", "length", "heads", "head_dim"))
+        out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+        out = constrain(out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), ("batch", "length", "heads", "head_dim"))
         return constrain(jnp.einsum("btnh,nhd->btd", out, w(self.wo)), ("batch", "length", "embed"))
 
 
