@@ -21,6 +21,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from safejax import errors
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
+spm.set_min_log_level(1)  # loading an identity-normalized model logs an INFO line otherwise
 HARM_TAG = "<potentially unsafe content>"
 ROLE_MARKERS = ("<|user|>", "<|assistant|>", "<|end_of_turn|>")
 RESERVED_TOKENS = (HARM_TAG, *ROLE_MARKERS)
