@@ -109,3 +109,13 @@ def test_bad_config_values_are_rejected():
         DecoderConfig(remat="sometimes")
     with pytest.raises(ValueError, match="divisible"):
         DecoderConfig(d_model=100, num_heads=3)
+
+
+def test_blockwise_causal_attention_equals_one_block():
+    tokens = jnp.asarray(np.random.default_rng(5).integers(4, CFG.vocab_size, size=(2, 24)))
+    segments = jnp.asarray([[1] * 10 + [2] * 14, [1] * 24])
+    positions = jnp.asarray([list(range(10)) + list(range(14)), list(range(24))])
+    whole = _model(DecoderConfig(**{**CFG.__dict__, "query_block": 0}))(tokens, positions, segments)
+    for block in (5, 8, 16):
+        blocked = _model(DecoderConfig(**{**CFG.__dict__, "query_block": block}))(tokens, positions, segments)
+        np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-5)

@@ -43,6 +43,7 @@ class DecoderConfig:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch
+    query_block: int = 128  # causal attention by blocks of queries, skipping masked keys; 0: one block
 
     def __post_init__(self):
         if self.remat != "none" and self.remat not in REMAT_POLICIES:
@@ -75,7 +76,7 @@ class DecoderBlock(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size,
                               rope_base=cfg.rope_base, init_std=cfg.init_std, dtype=dt,
-                              param_dtype=pdt, rngs=rngs)
+                              param_dtype=pdt, rngs=rngs, query_block=cfg.query_block)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, dtype=dt,
                           param_dtype=pdt, rngs=rngs)

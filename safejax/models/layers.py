@@ -10,6 +10,8 @@ mixed precision without a separate master copy.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,6 +25,20 @@ def make_param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: Axes, dtype) 
     """A parameter initialised with `init` and tagged with its logical axis names."""
     assert len(shape) == len(axes), (shape, axes)
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def dense(x: jax.Array, kernel: jax.Array, in_dims: int = 1, out_dtype=None) -> jax.Array:
+    """Contracts x's last `in_dims` axes with kernel's first ones, as a single 2-D matmul.
+
+    XLA:CPU runs (batch, length, d) @ (d, f) and its gradients far slower than the same
+    (batch * length, d) @ (d, f) (measured: 1.6x for the SwiGLU block); on accelerators the
+    reshapes are free.
+    """
+    in_shape, out_shape = kernel.shape[:in_dims], kernel.shape[in_dims:]
+    lead = x.shape[: x.ndim - in_dims]
+    k = math.prod(in_shape)
+    y = jnp.dot(x.reshape(-1, k), kernel.reshape(k, -1), preferred_element_type=out_dtype)
+    return y.reshape(*lead, *out_shape)
 
 
 class RMSNorm(nnx.Module):
@@ -52,8 +68,7 @@ class Embedding(nnx.Module):
         return constrain(x, ("batch", "length", "embed"))
 
     def attend(self, x: jax.Array) -> jax.Array:
-        logits = jnp.einsum("btd,vd->btv", x, self.table[...].astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = dense(x, self.table[...].astype(self.dtype).T, out_dtype=jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
 
 
@@ -84,11 +99,32 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & same_doc & not_pad)[:, None]
 
 
+def causal_attention(q, k, v, mask, query_block: int, dtype) -> jax.Array:
+    """Softmax attention, by blocks of queries that each see only the keys up to their end.
+
+    q: (b, kv, g, t, h), pre-scaled; k, v: (b, kv, s, h); mask: bool (b, 1, t, s).
+    Keys after a query block's last position are all masked for it, so they are never computed:
+    with n blocks that is (n + 1) / 2n of the full score matrix. query_block 0 means one block.
+    """
+    t = q.shape[3]
+    block = query_block if 0 < query_block < t else t
+    outputs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        logits = jnp.einsum("bkgth,bksh->bkgts", q[:, :, :, start:end], k[:, :, :end],
+                            preferred_element_type=jnp.float32)
+        logits = jnp.where(mask[:, :, None, start:end, :end], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        outputs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v[:, :, :end]))
+    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=3)
+
+
 class Attention(nnx.Module):
     """Multi-head causal self-attention with optional grouped-query (fewer K/V heads) and RoPE."""
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 rope_base: float, init_std: float, dtype, param_dtype, rngs: nnx.Rngs):
+                 rope_base: float, init_std: float, dtype, param_dtype, rngs: nnx.Rngs,
+                 query_block: int = 0):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         init = nnx.initializers.normal(stddev=init_std)
@@ -101,13 +137,14 @@ class Attention(nnx.Module):
         self.wo = make_param(rngs, init, (num_heads, head_dim, d_model),
                              ("heads", "head_dim", "embed"), param_dtype)
         self.rope_base = rope_base
+        self.query_block = query_block
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        q = constrain(jnp.einsum("btd,dnh->btnh", x, w(self.wq)), ("batch", "length", "heads", "head_dim"))
-        k = constrain(jnp.einsum("btd,dkh->btkh", x, w(self.wk)), ("batch", "length", "kv_heads", "head_dim"))
-        v = constrain(jnp.einsum("btd,dkh->btkh", x, w(self.wv)), ("batch", "length", "kv_heads", "head_dim"))
+        q = constrain(dense(x, w(self.wq)), ("batch", "length", "heads", "head_dim"))
+        k = constrain(dense(x, w(self.wk)), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(dense(x, w(self.wv)), ("batch", "length", "kv_heads", "head_dim"))
         q = rotary(q, positions, self.rope_base)
         k = rotary(k, positions, self.rope_base)
 
@@ -117,12 +154,9 @@ class Attention(nnx.Module):
         # groups of size n // kv share one K/V head.
         q = (q * h**-0.5).reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # b k g t h
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # b k s h
-        logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
-        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+        out = causal_attention(q, k, v, mask, self.query_block, self.dtype)
         out = constrain(out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), ("batch", "length", "heads", "head_dim"))
-        return constrain(jnp.einsum("btnh,nhd->btd", out, w(self.wo)), ("batch", "length", "embed"))
+        return constrain(dense(out, w(self.wo), in_dims=2), ("batch", "length", "embed"))
 
 
 class SwiGLU(nnx.Module):
@@ -137,6 +171,6 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        gate = constrain(x @ w(self.gate), ("batch", "length", "mlp"))
-        up = constrain(x @ w(self.up), ("batch", "length", "mlp"))
-        return constrain((jax.nn.silu(gate) * up) @ w(self.down), ("batch", "length", "embed"))
+        gate = constrain(dense(x, w(self.gate)), ("batch", "length", "mlp"))
+        up = constrain(dense(x, w(self.up)), ("batch", "length", "mlp"))
+        return constrain(dense(jax.nn.silu(gate) * up, w(self.down)), ("batch", "length", "embed"))
