@@ -150,11 +150,14 @@ class Trainer:
         loss, grads = self._gradients(params, batch)
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = self.tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt_state, opt_state),
-                     "step": state["step"] + 1,
+
+        def apply(params, opt_state):
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A non-finite step leaves params and optimizer state exactly as they were.
+        params, opt_state = jax.lax.cond(ok, apply, lambda p, o: (p, o), params, opt_state)
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
                      "nonfinite_steps": state["nonfinite_steps"] + (~ok).astype(jnp.int32)}
         return new_state, {"loss": loss, "grad_norm": grad_norm, "applied": ok}
 
