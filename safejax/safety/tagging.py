@@ -1,0 +1,80 @@
+"""Harmfulness tags (PAPER.md section 4): insert the tag id before each word after the first with
+probability p, in token space.
+
+Tags are inserted as ids after tokenization, never as text: raw text cannot forge one (the tag
+is a control piece) and removing the tag ids from a tagged document gives exactly the untagged
+document's tokens, so the model learns one tokenization of the text around its tags.
+
+A word starts at a piece that has a visible character and either begins with whitespace
+(SentencePiece's space marker, a newline, a tab) or follows a piece that ends with whitespace.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from safejax import vocab as vocab_lib
+
+_WHITESPACE = "\u2581 \n\t\r"
+
+
+def piece_classes(vocabulary: seqio.SentencePieceVocabulary) -> dict[str, np.ndarray]:
+    """Per-id flags: has a visible character, begins with whitespace, ends with whitespace."""
+    processor = vocabulary.tokenizer
+    size = processor.get_piece_size()
+    visible, begins, ends = (np.zeros(size, bool) for _ in range(3))
+    for i in range(size):
+        if processor.is_control(i) or processor.is_unknown(i):
+            continue
+        piece = processor.id_to_piece(i)
+        if processor.is_byte(i):  # <0x0A> and friends stand for one byte
+            piece = chr(int(piece[3:5], 16)) if int(piece[3:5], 16) < 128 else "x"
+        visible[i] = any(c not in _WHITESPACE for c in piece)
+        begins[i] = piece[:1] in tuple(_WHITESPACE)
+        ends[i] = piece[-1:] in tuple(_WHITESPACE)
+    return {"visible": visible, "begins": begins, "ends": ends}
+
+
+def word_starts(tokens: tf.Tensor, classes: dict[str, tf.Tensor]) -> tf.Tensor:
+    """Bool per token: it begins a word other than the document's first."""
+    visible = tf.gather(classes["visible"], tokens)
+    begins = tf.gather(classes["begins"], tokens)
+    prev_ends = tf.concat([[False], tf.gather(classes["ends"], tokens)[:-1]], axis=0)
+    starts = visible & (begins | prev_ends)
+    first_visible = tf.argmax(tf.cast(visible, tf.int32), output_type=tf.int32)
+    return starts & (tf.range(tf.size(tokens)) > first_visible)
+
+
+def insert_tags(tokens: tf.Tensor, seed: tf.Tensor, rate: float, tag_id: int,
+                classes: dict[str, tf.Tensor]) -> tf.Tensor:
+    """Inserts `tag_id` before each word start (after the first word) with probability `rate`.
+
+    `seed` is a shape-[2] int tensor: the same seed and document give the same tags.
+    """
+    draw = tf.random.stateless_uniform(tf.shape(tokens), seed=seed) < rate
+    insert = word_starts(tokens, classes) & draw
+    tags = tf.where(insert, tf.cast(tag_id, tokens.dtype), tf.constant(-1, tokens.dtype))
+    pairs = tf.reshape(tf.stack([tags, tokens], axis=1), [-1])
+    return tf.boolean_mask(pairs, pairs >= 0)
+
+
+def tag_preprocessor(rate: float = 0.05, feature: str = "targets"):
+    """A seqio preprocessor (stateless, seeded) that tags every document of its dataset.
+
+    Which documents are unsafe (a score range) is decided before, by filtering on score.
+    """
+
+    def preprocess(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
+        vocabulary = output_features[feature].vocabulary
+        tag_id = vocab_lib.reserved_ids(vocabulary, (vocab_lib.HARM_TAG,))[vocab_lib.HARM_TAG]
+        classes = {k: tf.constant(v) for k, v in piece_classes(vocabulary).items()}
+
+        @seqio.map_over_dataset(num_seeds=1)
+        def tag(example, seed):
+            return {**example, feature: insert_tags(example[feature], seed, rate, tag_id, classes)}
+
+        return tag(dataset)
+
+    return preprocess
