@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from safejax import errors
-from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU, attention_mask
+from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU, attention_bias
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -81,8 +81,8 @@ class DecoderBlock(nnx.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, dtype=dt,
                           param_dtype=pdt, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, mask)
+    def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, bias)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -105,19 +105,19 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        mask = attention_mask(segment_ids)
+        bias = attention_bias(segment_ids)
         x = self.embed(tokens)
         for block in self.blocks:
-            x = self._run_block(block, x, positions, mask)
+            x = self._run_block(block, x, positions, bias)
         x = self.final_norm(x)
         head = self.embed if self.lm_head is None else self.lm_head
         return head.attend(x)
 
-    def _run_block(self, block, x, positions, mask):
+    def _run_block(self, block, x, positions, bias):
         if self.cfg.remat == "none":
-            return block(x, positions, mask)
+            return block(x, positions, bias)
         policy = REMAT_POLICIES[self.cfg.remat]
-        return nnx.remat(lambda b, *args: b(*args), policy=policy)(block, x, positions, mask)
+        return nnx.remat(lambda b, *args: b(*args), policy=policy)(block, x, positions, bias)
 
 
 def count_params(cfg: DecoderConfig) -> dict[str, int]:

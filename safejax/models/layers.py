@@ -87,31 +87,32 @@ def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array) -> jax.Array:
-    """Causal mask that also keeps tokens of one packed document from seeing another's.
+def attention_bias(segment_ids: jax.Array) -> jax.Array:
+    """Additive causal mask that also keeps tokens of one packed document from seeing another's.
 
-    segment_ids: (batch, length), 0 for padding. Returns bool (batch, 1, length, length).
+    segment_ids: (batch, length), 0 for padding. Returns float32 (batch, 1, length, length):
+    0 where a query may attend, -1e30 elsewhere. An additive mask is one fused add, cheaper than a
+    select in the backward pass; -1e30 rather than the float32 minimum so that adding a negative
+    score cannot overflow to -inf (a padding row, every key masked, would then give NaN).
+    Built once per forward pass and shared by all layers.
     """
     length = segment_ids.shape[1]
     causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
     not_pad = (segment_ids != 0)[:, :, None]
-    return (causal[None] & same_doc & not_pad)[:, None]
+    allowed = (causal[None] & same_doc & not_pad)[:, None]
+    return jnp.where(allowed, 0.0, -1e30).astype(jnp.float32)
 
 
-def causal_attention(q, k, v, mask, query_block: int, dtype) -> jax.Array:
+def causal_attention(q, k, v, bias, query_block: int, dtype) -> jax.Array:
     """Softmax attention, by blocks of queries that each see only the keys up to their end.
 
-    q: (b, kv, g, t, h), pre-scaled; k, v: (b, kv, s, h); mask: bool (b, 1, t, s).
+    q: (b, kv, g, t, h), pre-scaled; k, v: (b, kv, s, h); bias: from `attention_bias`.
     Keys after a query block's last position are all masked for it, so they are never computed:
     with n blocks that is (n + 1) / 2n of the full score matrix. query_block 0 means one block.
     """
     t = q.shape[3]
     block = query_block if 0 < query_block < t else t
-    # An additive mask is one fused add, cheaper than a select in the backward pass. -1e30, not
-    # the float32 minimum, so that adding a negative score cannot overflow to -inf (a padding row
-    # with every key masked would then give NaN).
-    bias = jnp.where(mask, 0.0, -1e30).astype(jnp.float32)
     outputs = []
     for start in range(0, t, block):
         end = min(start + block, t)
@@ -143,7 +144,7 @@ class Attention(nnx.Module):
         self.query_block = query_block
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array) -> jax.Array:
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
         q = constrain(dense(x, w(self.wq)), ("batch", "length", "heads", "head_dim"))
         k = constrain(dense(x, w(self.wk)), ("batch", "length", "kv_heads", "head_dim"))
@@ -157,7 +158,7 @@ class Attention(nnx.Module):
         # groups of size n // kv share one K/V head.
         q = (q * h**-0.5).reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # b k g t h
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # b k s h
-        out = causal_attention(q, k, v, mask, self.query_block, self.dtype)
+        out = causal_attention(q, k, v, bias, self.query_block, self.dtype)
         out = constrain(out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), ("batch", "length", "heads", "head_dim"))
         return constrain(dense(out, w(self.wo), in_dims=2), ("batch", "length", "embed"))
 
