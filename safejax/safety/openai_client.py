@@ -1,0 +1,189 @@
+"""A client for OpenAI-compatible chat endpoints (POST {base_url}/chat/completions), standard library only.
+
+One POST with retries is all the labeler needs, so no SDK: the same code talks to OpenAI, vLLM,
+SGLang or llama.cpp servers. HTTP(S) proxies come from the usual environment variables.
+
+What is retried, with exponential backoff and jitter: 429 (waiting what Retry-After asks when
+the server sends it), 408, 409, 5xx, timeouts and dropped connections. What stops the whole run at
+once (EndpointError, a UserError), because every request would hit it: a refused key (401, 403),
+an unknown model or path (404), a host still unreachable after the retries. Anything else fails
+only the request at hand (RequestFailed), e.g. a 400 for a text longer than the model's context.
+
+The API key is read from the environment variable named by `api_key_env` and goes only into the
+Authorization header: never into logs, errors or files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import http.client
+import json
+import logging
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import gin
+
+from safejax import errors
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+FATAL_STATUS = frozenset({401, 403, 404})
+ERROR_BODY_CHARS = 300  # of a server's error reply, kept in messages to say what went wrong
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ChatEndpoint:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = gin.REQUIRED
+    api_key_env: str = "SAFEJAX_LABEL_API_KEY"  # a variable of its own, so no key leaks to a wrong host
+    temperature: float = 0.0
+    max_tokens: int = 256
+    json_mode: bool = False  # send response_format json_object (OpenAI, vLLM); some servers refuse it
+    timeout_s: float = 120.0  # per socket operation: connecting, then waiting for each read
+    max_retries: int = 6
+    backoff_base_s: float = 1.0  # the n-th retry waits about base * 2**n, jittered, capped below
+    backoff_max_s: float = 60.0
+    retry_after_max_s: float = 300.0  # a longer Retry-After is cut to this
+
+    def __post_init__(self):
+        if not self.base_url.startswith(("http://", "https://")):
+            raise errors.UserError(f"ChatEndpoint.base_url must start with http:// or https://, "
+                                   f"got {self.base_url!r}")
+        if not isinstance(self.model, str) or not self.model:
+            raise errors.UserError(f"ChatEndpoint.model must be a non-empty string, got {self.model!r}")
+        if not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise errors.UserError(f"ChatEndpoint.max_retries must be an integer >= 0, got {self.max_retries!r}")
+        for name in ("timeout_s", "backoff_base_s", "backoff_max_s", "retry_after_max_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise errors.UserError(f"ChatEndpoint.{name} must be a positive number, got {value!r}")
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+
+class EndpointError(errors.UserError):
+    """The endpoint cannot serve any request (bad key, unknown model, host down): stop the run."""
+
+
+class RequestFailed(Exception):
+    """This one request failed (after its retries, if retryable); others may still succeed."""
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: float | None = None, unreachable: bool = False):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.unreachable = unreachable
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delay in seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class ChatClient:
+    """Thread-safe: one client serves every worker thread. `sleep` and `rng` are for tests."""
+
+    def __init__(self, endpoint: ChatEndpoint, sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None):
+        self.endpoint = endpoint
+        self._api_key = os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self.requests = 0  # HTTP requests sent, retries included
+
+    def complete(self, messages: list[dict]) -> str:
+        """The assistant's reply to `messages` ("" when the server sends no content)."""
+        ep = self.endpoint
+        body = {"model": ep.model, "messages": messages, "temperature": ep.temperature,
+                "max_tokens": ep.max_tokens}
+        if ep.json_mode:
+            body["response_format"] = {"type": "json_object"}
+        payload = json.dumps(body).encode()
+        attempt = 0
+        while True:
+            try:
+                return self._post(payload)
+            except _Retryable as e:
+                if attempt == ep.max_retries:
+                    if e.unreachable:
+                        raise EndpointError(f"cannot reach {ep.url} after {attempt + 1} attempts: {e}") from None
+                    raise RequestFailed(f"{e} (gave up after {attempt + 1} attempts)") from None
+                delay = self._delay(attempt, e.retry_after)
+                attempt += 1
+                logging.warning("%s from %s; retry %d/%d in %.2fs", e, ep.url, attempt, ep.max_retries, delay)
+                self._sleep(delay)
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        ep = self.endpoint
+        if retry_after is not None:
+            return min(retry_after, ep.retry_after_max_s)
+        ceiling = min(ep.backoff_max_s, ep.backoff_base_s * 2 ** attempt)
+        with self._lock:  # "equal jitter": at least half the ceiling, so retries always back off
+            return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    def _post(self, payload: bytes) -> str:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        request = urllib.request.Request(self.endpoint.url, data=payload, headers=headers, method="POST")
+        with self._lock:
+            self.requests += 1
+        try:
+            with urllib.request.urlopen(request, timeout=self.endpoint.timeout_s) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as e:
+            raise self._status_error(e) from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, TimeoutError):
+                raise _Retryable(f"timed out after {self.endpoint.timeout_s}s") from None
+            raise _Retryable(f"{type(e.reason).__name__}: {e.reason}", unreachable=True) from None
+        except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
+            what = f"timed out after {self.endpoint.timeout_s}s" if isinstance(e, TimeoutError) else \
+                f"connection broken: {type(e).__name__}"
+            raise _Retryable(what) from None
+        return _reply_content(raw)
+
+    def _status_error(self, e: urllib.error.HTTPError) -> Exception:
+        try:
+            detail = e.read()[:ERROR_BODY_CHARS].decode("utf-8", errors="replace")
+        except (OSError, http.client.HTTPException):
+            detail = ""
+        finally:
+            e.close()
+        message = f"HTTP {e.code}" + (f": {' '.join(detail.split())}" if detail else "")
+        if e.code in RETRYABLE_STATUS or e.code >= 500:
+            return _Retryable(message, retry_after=parse_retry_after(e.headers.get("Retry-After")))
+        if e.code in FATAL_STATUS:
+            return EndpointError(f"{self.endpoint.url} refused model {self.endpoint.model!r}: {message}"
+                                 + (f" (is ${self.endpoint.api_key_env} set?)" if e.code in (401, 403) else ""))
+        return RequestFailed(message)
+
+
+def _reply_content(raw: bytes) -> str:
+    try:
+        reply = json.loads(raw)
+        content = reply["choices"][0]["message"].get("content")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise RequestFailed(f"the endpoint's reply is not a chat completion: {raw[:ERROR_BODY_CHARS]!r}") from None
+    return content if isinstance(content, str) else ""
