@@ -6,7 +6,7 @@ import json
 import numpy as np
 import seqio
 
-from safejax.data import pipeline, sources, tasks
+from safejax.data import pipeline, preprocessors, sources
 
 
 def test_bundled_corpus_is_gzip_jsonl_with_ids_and_texts():
@@ -48,7 +48,7 @@ def test_long_documents_are_chunked_not_truncated():
     ds = tf.data.Dataset.from_generator(lambda: ({"targets": d} for d in docs),
                                         output_signature={"targets": tf.TensorSpec([None], tf.int64)})
     vocabulary = seqio.PassThroughVocabulary(size=1000, eos_id=1)
-    out = [x["targets"] for x in tasks.split_into_chunks(
+    out = [x["targets"] for x in preprocessors.split_into_chunks(
         ds, {"targets": 32}, {"targets": seqio.Feature(vocabulary)}).as_numpy_iterator()]
     assert sorted(len(c) for c in out) == [7, 12, 32, 32]
     first = np.concatenate([c for c in out if c[0] < 100 and c[0] != 1])

@@ -49,13 +49,32 @@ def test_tag_rate_on_the_bundled_corpus_matches_p():
     assert abs(tags / words - 0.05) < 0.005
 
 
-def test_seqio_preprocessor_tags_tokenized_documents():
+def _tagged_dataset(records, **kwargs):
     import seqio
 
-    texts = ["first doc has several words in it", "second one too, with more words"]
-    ds = tf.data.Dataset.from_tensor_slices({"targets": tf.ragged.constant([VOCAB.encode(t) for t in texts])})
-    ds = ds.map(lambda x: {"targets": x["targets"]})
-    with seqio.utils.map_seed_manager(42):
-        out = list(tagging.tag_preprocessor(rate=1.0)(ds, {"targets": seqio.Feature(VOCAB)}).as_numpy_iterator())
-    for text, example in zip(texts, out):
-        assert (example["targets"] == TAG).sum() == len(text.split()) - 1
+    ds = tf.data.Dataset.from_generator(
+        lambda: ({"id": i, "score": s, "targets": VOCAB.encode(t)} for i, s, t in records),
+        output_signature={"id": tf.TensorSpec([], tf.string), "score": tf.TensorSpec([], tf.int32),
+                          "targets": tf.TensorSpec([None], tf.int32)})
+    out = tagging.tag_preprocessor(**kwargs)(ds, {"targets": seqio.Feature(VOCAB)})
+    return [x["targets"] for x in out.as_numpy_iterator()]
+
+
+def test_seqio_preprocessor_tags_only_the_requested_score_range():
+    text = "a document with several words in it"
+    records = [(f"doc-{s}", s, text) for s in range(6)]
+    out = _tagged_dataset(records, rate=1.0, score_range=(1, 3))
+    tags = [int((t == TAG).sum()) for t in out]
+    assert tags == [0, 6, 6, 6, 0, 0]
+    assert [int((t == TAG).sum()) for t in _tagged_dataset(records, rate=1.0)] == [6] * 6
+
+
+def test_tags_depend_on_the_document_id_not_its_position():
+    text = " ".join(["word"] * 300)
+    forward = _tagged_dataset([("a", 1, text), ("b", 1, text)], rate=0.1, seed=7)
+    backward = _tagged_dataset([("b", 1, text), ("a", 1, text)], rate=0.1, seed=7)
+    np.testing.assert_array_equal(forward[0], backward[1])
+    np.testing.assert_array_equal(forward[1], backward[0])
+    assert not np.array_equal(forward[0], forward[1])
+    other_seed = _tagged_dataset([("a", 1, text)], rate=0.1, seed=8)
+    assert not np.array_equal(forward[0], other_seed[0])

@@ -19,6 +19,7 @@ import seqio
 import tensorflow as tf
 
 from safejax import errors
+from safejax import vocab as vocab_lib
 from safejax.train.lm import FEATURES
 
 
@@ -31,6 +32,8 @@ class DataConfig:
     seed: int = 42
     pack: bool = True
     eval_batches: int = 4  # held-out batches per evaluation (0 turns evaluation off)
+    loss_on_tag: bool = True  # train on predicting the harm tag (Safe Beam Search reads it)
+    use_cached: bool = False  # read the Beam job's cache (data/beam_cache.py) instead of the source
 
 
 def _local_batch_size(cfg: DataConfig) -> int:
@@ -43,27 +46,49 @@ def _local_batch_size(cfg: DataConfig) -> int:
 
 def _dataset(cfg: DataConfig, split: str, *, train: bool) -> tf.data.Dataset:
     """Shuffled (with the fixed seed) in both cases: held-out batches then mix every source."""
+    if cfg.task not in {*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()}:
+        raise errors.UserError(f"DataConfig.task {cfg.task!r} is not a registered task or mixture")
     shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
     return seqio.get_dataset(
         cfg.task, {"targets": cfg.seq_len}, seqio.DecoderFeatureConverter(pack=cfg.pack),
         dataset_split=split, shuffle=True, num_epochs=None if train else 1, shard_info=shard,
-        seed=cfg.seed, batch_size=_local_batch_size(cfg), verbose=False)
+        seed=cfg.seed, batch_size=_local_batch_size(cfg), use_cached=cfg.use_cached, verbose=False)
 
 
-def _to_model_features(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _tag_id(cfg: DataConfig) -> int | None:
+    """The harm tag's id when its loss is switched off (its weights are then zeroed)."""
+    if cfg.loss_on_tag:
+        return None
+    vocabulary = seqio.get_mixture_or_task(cfg.task).output_features["targets"].vocabulary
+    return vocab_lib.reserved_ids(vocabulary, (vocab_lib.HARM_TAG,))[vocab_lib.HARM_TAG]
+
+
+def _to_model_features(batch: dict[str, np.ndarray], tag_id: int | None = None) -> dict[str, np.ndarray]:
     out = {FEATURES[k]: v for k, v in batch.items() if k in FEATURES}
     if "segment_ids" not in out:  # unpacked: one document a row
         out["segment_ids"] = (out["targets"] != 0).astype(np.int32)
         out["positions"] = np.broadcast_to(np.arange(out["targets"].shape[1], dtype=np.int32),
                                            out["targets"].shape).copy()
+    if tag_id is not None:
+        out["weights"] = np.where(out["targets"] == tag_id, 0, out["weights"]).astype(out["weights"].dtype)
     return out
+
+
+def _iterate(ds: tf.data.Dataset, task: str) -> Iterator[dict[str, np.ndarray]]:
+    """Batches as numpy; a failed data check (a document without a score) as a UserError."""
+    try:
+        yield from ds.as_numpy_iterator()
+    except tf.errors.InvalidArgumentError as e:
+        if "assertion failed" not in e.message:
+            raise
+        raise errors.UserError(f"data {task!r}: {' '.join(e.message.split())[:500]}") from None
 
 
 def train_batches(cfg: DataConfig, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Endless per-process batches, starting after the first `start` batches of the stream."""
-    ds = _dataset(cfg, "train", train=True).skip(start)
-    for batch in ds.as_numpy_iterator():
-        yield _to_model_features(batch)
+    tag_id = _tag_id(cfg)
+    for batch in _iterate(_dataset(cfg, "train", train=True).skip(start), cfg.task):
+        yield _to_model_features(batch, tag_id)
 
 
 def in_background(iterator: Iterator, buffer: int = 2) -> Iterator:
@@ -102,8 +127,9 @@ def eval_batches(cfg: DataConfig) -> list[dict[str, np.ndarray]]:
     """
     if cfg.eval_batches <= 0:
         return []
-    batches = [_to_model_features(b) for b in
-               _dataset(cfg, "validation", train=False).take(cfg.eval_batches).as_numpy_iterator()]
+    tag_id = _tag_id(cfg)
+    batches = [_to_model_features(b, tag_id) for b in
+               _iterate(_dataset(cfg, "validation", train=False).take(cfg.eval_batches), cfg.task)]
     if not batches:
         raise errors.UserError(f"task {cfg.task!r} has no validation data for evaluation; "
                                f"set DataConfig.eval_batches = 0 or add documents")

@@ -1,7 +1,13 @@
-"""Reading JSONL corpora (one JSON object a line, optionally gzip): as a seqio DataSource and in Python.
+"""Corpus readers as seqio DataSources: JSONL(.gz), TFRecord and TFDS, all yielding one shape.
+
+Every source yields {"id", "text", "json"}: the document id (score shards join on it), its text,
+and the whole record as JSON so that later preprocessors can read extra fields (dialogue turns,
+provenance). Malformed records go to the quarantine (data/quarantine.py) with their file and line
+and the run goes on.
 
 A held-out split is carved out of the same files by hashing each document id, so the split is
-stable whatever the file order, sharding or host count.
+stable whatever the file order, sharding or host count. Hosts read disjoint shards: whole files
+when there are at least as many files as hosts, every n-th record otherwise (seqio decides).
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import seqio
 import tensorflow as tf
 
 from safejax import errors
+from safejax.data.quarantine import QUARANTINE, raw_text
 
 BUNDLED_CORPUS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "corpus")
 HASH_BUCKETS = 1000
+RECORD_KINDS = ("text", "dialogue")  # what a record must carry: a text, or dialogue turns
 
 
 def bundled_corpus_files() -> list[str]:
@@ -26,7 +34,7 @@ def bundled_corpus_files() -> list[str]:
 
 
 def expand_files(patterns: Sequence[str] | str) -> list[str]:
-    """Expands globs and checks each file can be opened and its first line parsed."""
+    """Expands globs; a pattern that matches nothing is an error naming it."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     files = []
     for pattern in patterns:
@@ -39,73 +47,267 @@ def expand_files(patterns: Sequence[str] | str) -> list[str]:
     return files
 
 
-def _open(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+def _open(path: str, mode: str = "rb"):
+    return gzip.open(path, mode) if path.endswith(".gz") else open(path, mode)
 
 
 def check_readable(path: str) -> None:
+    """Fails early, naming the file, when it cannot be opened or decompressed at all."""
     try:
         with _open(path) as f:
-            first = f.readline()
-        if first.strip():
-            json.loads(first)
-    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            f.read(1)
+    except (OSError, EOFError) as e:
         raise errors.UserError(f"cannot read corpus file {path}: {type(e).__name__}: {e}") from e
 
 
-def iter_texts(files: Sequence[str]) -> Iterator[str]:
-    """Document texts in file order (for vocabulary training and statistics)."""
+# --- validation, shared by the tf.data readers and the plain Python iterator -----------------
+
+def _dialogue_problem(record: dict) -> str | None:
+    turns = record.get("turns")
+    if not isinstance(turns, list) or not turns:
+        return "missing_turns"
+    for turn in turns:
+        if not (isinstance(turn, dict) and turn.get("role") in ("user", "assistant")
+                and isinstance(turn.get("text"), str) and turn["text"].strip()):
+            return "bad_turn"
+    return None
+
+
+def validate(record, kind: str) -> str | None:
+    """Why a parsed record cannot be used, or None when it can."""
+    if not isinstance(record, dict):
+        return "not_an_object"
+    if kind == "dialogue":
+        return _dialogue_problem(record)
+    text = record.get("text")
+    if text is None:
+        return "missing_text"
+    if not isinstance(text, str):
+        return "text_not_a_string"
+    return None if text.strip() else "empty_text"
+
+
+def parse_json_line(raw: bytes, path: str, line: int, kind: str = "text") -> dict | None:
+    """A valid record with an `id` (default FILE:LINE), or None after quarantining the line."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+        problem = validate(record, kind)
+        detail = ""
+    except UnicodeDecodeError as e:
+        problem, detail = "invalid_utf8", f"byte {e.start}"
+    except json.JSONDecodeError as e:
+        problem, detail = "bad_json", f"{e.msg} at column {e.colno}"
+    if problem:
+        QUARANTINE.add(problem, (path, line), file=path, line=line, detail=detail, raw=raw_text(raw))
+        return None
+    if record.get("id") in (None, ""):
+        record["id"] = f"{os.path.basename(path)}:{line}"
+    return record
+
+
+def iter_records(files: Sequence[str], kind: str = "text") -> Iterator[dict]:
+    """Valid records in file order (vocabulary training, statistics, the Beam job)."""
     for path in files:
         with _open(path) as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)["text"]
+            for line_no, raw in enumerate(f, start=1):
+                if raw.strip():
+                    record = parse_json_line(raw.rstrip(b"\r\n"), path, line_no, kind)
+                    if record is not None:
+                        yield record
 
 
-def _parse_line(line: bytes) -> tuple[bytes, bytes]:
-    record = json.loads(line)
-    return str(record.get("id", "")).encode(), str(record.get("text", "")).encode()
+def iter_texts(files: Sequence[str]) -> Iterator[str]:
+    return (record["text"] for record in iter_records(files))
 
 
-class JsonlDataSource(seqio.FileDataSource):
-    """A seqio source over JSONL(.gz) files with `train` and `validation` splits.
+def _as_example(record: dict | None) -> tuple:
+    if record is None:
+        return False, b"", b"", b""
+    return (True, str(record["id"]).encode(), record.get("text", "").encode(),
+            json.dumps(record, ensure_ascii=False).encode())
 
-    Yields {"id", "text"}. A document goes to `validation` when its id hashes into the first
-    `validation_permille` of 1000 buckets.
-    """
 
-    def __init__(self, files: Sequence[str], validation_permille: int = 20):
-        if not 0 <= validation_permille < HASH_BUCKETS:
-            raise errors.UserError(f"validation_permille must be in [0, {HASH_BUCKETS}), "
-                                   f"got {validation_permille}")
-        self._validation_permille = validation_permille
-        compression = "GZIP" if all(f.endswith(".gz") for f in files) else ""
-        if compression == "" and any(f.endswith(".gz") for f in files):
-            raise errors.UserError("mix of gzip and plain JSONL files in one source; use one kind")
+def _to_features(parse_fn, *args) -> tf.data.Dataset:
+    ok, doc_id, text, record = tf.numpy_function(
+        parse_fn, list(args), [tf.bool, tf.string, tf.string, tf.string], stateful=False)
+    for t in (ok, doc_id, text, record):
+        t.set_shape([])
+    return {"ok": ok, "id": doc_id, "text": text, "json": record}
 
-        def read_file(path):
-            lines = tf.data.TextLineDataset(path, compression_type=compression)
-            lines = lines.filter(lambda line: tf.strings.length(tf.strings.strip(line)) > 0)
-            return lines.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE)
 
-        super().__init__(read_file_fn=read_file,
-                         split_to_filepattern={"train": list(files), "validation": list(files)})
+def _valid_only(ds: tf.data.Dataset) -> tf.data.Dataset:
+    ds = ds.filter(lambda ex: ex["ok"])
+    return ds.map(lambda ex: {k: v for k, v in ex.items() if k != "ok"})
 
-    @staticmethod
-    def _parse(line):
-        doc_id, text = tf.numpy_function(_parse_line, [line], [tf.string, tf.string], stateful=False)
-        doc_id.set_shape([])
-        text.set_shape([])
-        return {"id": doc_id, "text": text}
 
-    def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **kwargs):
-        ds = super().get_dataset(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info, **kwargs)
+class _HashSplitMixin:
+    """`train` and `validation` from the same records, by hashing the document id."""
+
+    def _split(self, ds: tf.data.Dataset, split: str) -> tf.data.Dataset:
         permille = self._validation_permille
         in_validation = lambda ex: tf.strings.to_hash_bucket_fast(ex["id"], HASH_BUCKETS) < permille  # noqa: E731
         if split == "validation":
             return ds.filter(in_validation)
         return ds.filter(lambda ex: tf.logical_not(in_validation(ex)))
 
+
+def _check_split_args(validation_permille: int, kind: str) -> None:
+    if not 0 <= validation_permille < HASH_BUCKETS:
+        raise errors.UserError(f"validation_permille must be in [0, {HASH_BUCKETS}), got {validation_permille}")
+    if kind not in RECORD_KINDS:
+        raise errors.UserError(f"record kind must be one of {RECORD_KINDS}, got {kind!r}")
+
+
+class JsonlDataSource(_HashSplitMixin, seqio.FileDataSource):
+    """JSONL or JSONL.gz files: one JSON object a line with `text` (or `turns`), `id` and any
+    extra fields, which travel along in the `json` feature."""
+
+    def __init__(self, files: Sequence[str], validation_permille: int = 20, kind: str = "text"):
+        _check_split_args(validation_permille, kind)
+        self._validation_permille = validation_permille
+        compression = "GZIP" if all(f.endswith(".gz") for f in files) else ""
+        if compression == "" and any(f.endswith(".gz") for f in files):
+            raise errors.UserError("mix of gzip and plain JSONL files in one source; use one kind")
+
+        def parse(raw, path, line):
+            return _as_example(parse_json_line(raw, path.decode(), int(line), kind))
+
+        def read_file(path):
+            lines = tf.data.TextLineDataset(path, compression_type=compression).enumerate(start=1)
+            lines = lines.filter(lambda _, raw: tf.strings.length(tf.strings.strip(raw)) > 0)
+            return lines.map(lambda line, raw: _to_features(parse, raw, path, line),
+                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+        super().__init__(read_file_fn=read_file,
+                         split_to_filepattern={"train": list(files), "validation": list(files)})
+
+    def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **kwargs):
+        ds = super().get_dataset(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info, **kwargs)
+        return self._split(_valid_only(ds), split)
+
     def list_shards(self, split: str) -> list[str]:
         return list(self._split_to_filepattern[split])
 
+
+def _feature_value(feature: tf.train.Feature):
+    kind = feature.WhichOneof("kind")
+    values = list(getattr(feature, kind).value) if kind else []
+    values = [v.decode("utf-8") if isinstance(v, bytes) else v for v in values]
+    return values[0] if len(values) == 1 else values
+
+
+def parse_tfrecord_example(raw: bytes, path: str, index: int, text_feature: str, id_feature: str):
+    """A record from a serialized tf.train.Example, or None after quarantining it."""
+    try:
+        example = tf.train.Example.FromString(raw)
+        record = {k: _feature_value(v) for k, v in example.features.feature.items()}
+        record["text"] = record.pop(text_feature, None)
+        if id_feature in record:
+            record["id"] = str(record.pop(id_feature))
+        problem, detail = validate(record, "text"), ""
+    except UnicodeDecodeError as e:
+        problem, detail = "invalid_utf8", f"byte {e.start}"
+    except Exception as e:  # noqa: BLE001 (protobuf raises its own DecodeError)
+        problem, detail = "bad_record", type(e).__name__
+    if problem:
+        QUARANTINE.add(problem, (path, index), file=path, line=index, detail=detail,
+                       raw=raw_text(raw))
+        return None
+    record.setdefault("id", f"{os.path.basename(path)}:{index}")
+    return record
+
+
+class TfrecordDataSource(_HashSplitMixin, seqio.FileDataSource):
+    """TFRecord files of tf.train.Example with a bytes `text_feature` (and optional id)."""
+
+    def __init__(self, files: Sequence[str], validation_permille: int = 20,
+                 text_feature: str = "text", id_feature: str = "id", compression: str = ""):
+        _check_split_args(validation_permille, "text")
+        self._validation_permille = validation_permille
+
+        def parse(raw, path, index):
+            return _as_example(parse_tfrecord_example(raw, path.decode(), int(index),
+                                                      text_feature, id_feature))
+
+        def read_file(path):
+            records = tf.data.TFRecordDataset(path, compression_type=compression).enumerate()
+            return records.map(lambda index, raw: _to_features(parse, raw, path, index),
+                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+        super().__init__(read_file_fn=read_file,
+                         split_to_filepattern={"train": list(files), "validation": list(files)})
+
+    def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **kwargs):
+        ds = super().get_dataset(split=split, shuffle=shuffle, seed=seed, shard_info=shard_info, **kwargs)
+        return self._split(_valid_only(ds), split)
+
+    def list_shards(self, split: str) -> list[str]:
+        return list(self._split_to_filepattern[split])
+
+
+class TfdsTextSource(_HashSplitMixin, seqio.DataSource):
+    """A text feature of a built TFDS dataset (`name` or `name:version`, in `data_dir`).
+
+    Documents without their own id feature get TFDS's stable per-example id. Our `train` and
+    `validation` are both carved from `tfds_split` by id hash, like the file sources.
+    """
+
+    def __init__(self, name: str, data_dir: str | None = None, tfds_split: str = "train",
+                 text_feature: str = "text", id_feature: str | None = None,
+                 validation_permille: int = 20):
+        import tensorflow_datasets as tfds
+
+        _check_split_args(validation_permille, "text")
+        self._validation_permille = validation_permille
+        try:
+            self._builder = tfds.builder(name, data_dir=data_dir)
+            self._split_info = self._builder.info.splits[tfds_split]
+        except Exception as e:  # noqa: BLE001 (tfds raises several kinds for a missing dataset)
+            raise errors.UserError(f"cannot open TFDS dataset {name!r} split {tfds_split!r} in "
+                                   f"{data_dir or 'the default data_dir'}: {e}") from e
+        self._name, self._tfds_split = name, tfds_split
+        self._text_feature, self._id_feature = text_feature, id_feature
+        super().__init__(splits=("train", "validation"))
+
+    @property
+    def supports_arbitrary_sharding(self) -> bool:
+        return False
+
+    def list_shards(self, split: str) -> list[str]:
+        return list(self._split_info.filenames)
+
+    def num_input_examples(self, split: str) -> int | None:
+        return None
+
+    def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **kwargs):
+        import tensorflow_datasets as tfds
+
+        context = None
+        if shard_info:
+            context = tf.distribute.InputContext(num_input_pipelines=shard_info.num_shards,
+                                                 input_pipeline_id=shard_info.index)
+        read_config = tfds.ReadConfig(add_tfds_id=True, input_context=context, shuffle_seed=seed)
+        ds = self._builder.as_dataset(split=self._tfds_split, shuffle_files=shuffle,
+                                      read_config=read_config)
+        name, text_feature, id_feature = self._name, self._text_feature, self._id_feature
+
+        def parse(text, doc_id):
+            try:
+                decoded = text.decode("utf-8")
+                problem, detail = validate({"text": decoded}, "text"), ""
+            except UnicodeDecodeError as e:
+                problem, detail = "invalid_utf8", f"byte {e.start}"
+            if problem:
+                QUARANTINE.add(problem, (name, doc_id), file=f"tfds:{name}", line=doc_id.decode(),
+                               detail=detail, raw=raw_text(text))
+                return _as_example(None)
+            return _as_example({"id": doc_id.decode(), "text": decoded})
+
+        def features(ex):
+            doc_id = ex[id_feature] if id_feature else ex["tfds_id"]
+            if doc_id.dtype != tf.string:
+                doc_id = tf.strings.as_string(doc_id)
+            return _to_features(parse, ex[text_feature], doc_id)
+
+        ds = ds.map(features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return self._split(_valid_only(ds), split)

@@ -1,7 +1,22 @@
-"""seqio Tasks for language-model pretraining on plain-text JSONL.
+"""seqio Tasks (one per data kind) and Mixtures (one per ablation of the paper), from gin.
 
-A document is tokenized, ends with EOS, and is cut into chunks of the target length (so long
-documents are used whole, not truncated); seqio's decoder feature converter then packs chunks.
+Data kinds, each a Task (names take an optional prefix):
+
+    raw                  every corpus document
+    raw_tagged           every corpus document, those scored in TAG_SCORES carrying harm tags
+    score_0              documents scored 0 (safe)
+    score_1_3            documents scored 1-3 (the ones the paper rephrases)
+    score_4_5            documents scored 4-5 (the ones RefuseWeb turns into refusals)
+    score_1_3_tagged     score_1_3 with harm tags (documents scored in TAG_SCORES)
+    score_4_5_tagged     score_4_5 with harm tags
+    rephrased            rephrased records written by the synthesis step (JSONL, `text`)
+    refuseweb            RefuseWeb dialogues (JSONL, `turns`), formatted by data/dialogue.py
+    moral_education      moral-education articles (JSONL, `text`)
+
+Mixtures `ablation_raw`, `ablation_score0`, `ablation_rephrase`, `ablation_refusal`,
+`ablation_moral`, `ablation_tags`, `ablation_full` list their kinds in gin
+(configs/data/safety.gin), each kind with a rate. A kind whose inputs are not configured is not
+registered, and neither are the mixtures that need it; `unavailable()` says why.
 """
 
 from __future__ import annotations
@@ -12,54 +27,171 @@ from collections.abc import Sequence
 
 import gin
 import seqio
-import tensorflow as tf
 
+from safejax import errors
 from safejax import vocab as vocab_lib
-from safejax.data import sources
+from safejax.data import dialogue, sources
+from safejax.data import preprocessors as pre
+from safejax.safety import tagging
 
 BUNDLED_VOCAB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "vocab",
                              "bundled_8k.model")
 
+ABLATIONS = {
+    "ablation_raw": ("raw",),
+    "ablation_score0": ("score_0",),
+    "ablation_rephrase": ("score_0", "rephrased"),
+    "ablation_refusal": ("score_0", "rephrased", "refuseweb"),
+    "ablation_moral": ("score_0", "rephrased", "refuseweb", "moral_education"),
+    "ablation_tags": ("score_0", "rephrased", "score_1_3_tagged", "score_4_5_tagged"),
+    "ablation_full": ("score_0", "rephrased", "refuseweb", "moral_education",
+                      "score_1_3_tagged", "score_4_5_tagged"),
+}
 
-DOCUMENTS_INTERLEAVED = 64
+_unavailable: dict[str, str] = {}
 
 
-def split_into_chunks(dataset: tf.data.Dataset, sequence_length, output_features) -> tf.data.Dataset:
-    """Appends EOS to each tokenized document and splits it into pieces of the target length."""
-    size = sequence_length["targets"]
-    eos = output_features["targets"].vocabulary.eos_id
+# --- sources, as gin-configurable factories --------------------------------------------------
 
-    def chunks(example):
-        tokens = tf.concat([example["targets"], [eos]], axis=0)
-        total = tf.size(tokens, out_type=tf.int64)
-        count = (total + size - 1) // size
-        lengths = tf.concat([tf.fill([count - 1], tf.cast(size, tf.int64)), [total - size * (count - 1)]], 0)
-        return tf.data.Dataset.from_tensor_slices(
-            {"targets": tf.RaggedTensor.from_row_lengths(tokens, lengths)})
+@gin.configurable
+def jsonl_source(files: Sequence[str] | None = None, validation_permille: int = 20,
+                 kind: str = "text") -> sources.JsonlDataSource:
+    """JSONL(.gz) files (globs allowed); the bundled corpus when no files are given."""
+    files = sources.expand_files(files) if files else sources.bundled_corpus_files()
+    return sources.JsonlDataSource(files, validation_permille, kind)
 
-    # Round-robin over many documents, so consecutive chunks rarely come from one document even
-    # before the shuffle buffer (a long thread would otherwise fill whole batches by itself).
-    return dataset.interleave(chunks, cycle_length=DOCUMENTS_INTERLEAVED, block_length=1)
+
+@gin.configurable
+def tfrecord_source(files: Sequence[str] = gin.REQUIRED, validation_permille: int = 20,
+                    text_feature: str = "text", id_feature: str = "id",
+                    compression: str = "") -> sources.TfrecordDataSource:
+    return sources.TfrecordDataSource(sources.expand_files(files), validation_permille,
+                                      text_feature, id_feature, compression)
+
+
+@gin.configurable
+def tfds_source(name: str = gin.REQUIRED, data_dir: str | None = None, tfds_split: str = "train",
+                text_feature: str = "text", id_feature: str | None = None,
+                validation_permille: int = 20) -> sources.TfdsTextSource:
+    return sources.TfdsTextSource(name, data_dir, tfds_split, text_feature, id_feature,
+                                  validation_permille)
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+def _register(name: str, source: seqio.DataSource, vocabulary, document_steps: list,
+              shuffle_buffer_size: int) -> str:
+    """Registers (or re-registers) a Task: per-document steps, cache point, chunking."""
+    if name in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(
+        name,
+        source=source,
+        preprocessors=[*document_steps, seqio.CacheDatasetPlaceholder(), pre.split_into_chunks],
+        output_features={"targets": seqio.Feature(vocabulary, add_eos=False)},
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
+    return name
+
+
+_tokenize = functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)
 
 
 @gin.configurable
 def jsonl_lm_task(name: str = "bundled_corpus", files: Sequence[str] | None = None,
                   vocab_path: str = BUNDLED_VOCAB, validation_permille: int = 20,
                   shuffle_buffer_size: int = 1024) -> str:
-    """Registers (or re-registers) an LM Task over JSONL files and returns its name."""
-    files = sources.expand_files(files) if files else sources.bundled_corpus_files()
+    """Registers a plain LM Task over JSONL files (the bundled corpus by default); its name."""
+    return _register(name, jsonl_source(files, validation_permille),
+                     vocab_lib.load_vocabulary(vocab_path),
+                     [pre.text_to_targets, _tokenize], shuffle_buffer_size)
+
+
+@gin.configurable
+def safety_data(corpus: seqio.DataSource | None = None,
+                scores: Sequence[str] | None = None,
+                rephrased: Sequence[str] | None = None,
+                refuseweb: Sequence[str] | None = None,
+                moral_education: Sequence[str] | None = None,
+                vocab_path: str = BUNDLED_VOCAB,
+                on_missing_score: str = "error",
+                tag_rate: float = 0.05,
+                tag_scores: tuple[int, int] = (1, 5),
+                tag_seed: int = 0,
+                validation_permille: int = 20,
+                shuffle_buffer_size: int = 1024,
+                rates: dict[str, float] | None = None,
+                ablations: dict[str, Sequence[str]] = ABLATIONS,
+                prefix: str = "") -> list[str]:
+    """Registers every data kind whose inputs are configured, and the ablation mixtures.
+
+    corpus: a source (`@jsonl_source()`, `@tfrecord_source()`, `@tfds_source()`; default the
+    bundled corpus); scores: score shard files (data/scores.py); rephrased, refuseweb,
+    moral_education: JSONL files from the synthesis step. Returns the registered names.
+    """
+    if not 0.0 <= tag_rate <= 1.0:
+        raise errors.UserError(f"safety_data.tag_rate must be in [0, 1], got {tag_rate}")
+    pre.keep_scores(*tag_scores)  # validates the range
     vocabulary = vocab_lib.load_vocabulary(vocab_path)
-    if name in seqio.TaskRegistry.names():
-        seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(
-        name,
-        source=sources.JsonlDataSource(files, validation_permille),
-        preprocessors=[
-            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
-            seqio.preprocessors.tokenize,
-            split_into_chunks,
-        ],
-        output_features={"targets": seqio.Feature(vocabulary, add_eos=False)},
-        shuffle_buffer_size=shuffle_buffer_size,
-    )
+    corpus = corpus if corpus is not None else jsonl_source(None, validation_permille)
+    tag = tagging.tag_preprocessor(tag_rate, tuple(tag_scores), tag_seed)
+    _unavailable.clear()
+    registered = []
+
+    def task(kind: str, source, steps: list) -> None:
+        registered.append(_register(prefix + kind, source, vocabulary,
+                                    [pre.mark_kind(kind), *steps], shuffle_buffer_size))
+
+    text_steps = [pre.text_to_targets, _tokenize]
+    task("raw", corpus, text_steps)
+    if scores:
+        join = pre.join_scores(tuple(sources.expand_files(scores)), prefix + "scored", on_missing_score)
+        task("raw_tagged", corpus, [join, *text_steps, tag])
+        for kind, (low, high) in {"score_0": (0, 0), "score_1_3": (1, 3), "score_4_5": (4, 5)}.items():
+            task(kind, corpus, [join, pre.keep_scores(low, high), *text_steps])
+            if low > 0:
+                task(kind + "_tagged", corpus, [join, pre.keep_scores(low, high), *text_steps, tag])
+    else:
+        for kind in ("raw_tagged", "score_0", "score_1_3", "score_4_5", "score_1_3_tagged",
+                     "score_4_5_tagged"):
+            _unavailable[prefix + kind] = "needs score shards: set safety_data.scores"
+    synthetic = {"rephrased": (rephrased, "text", text_steps),
+                 "refuseweb": (refuseweb, "dialogue", [dialogue.format_dialogues]),
+                 "moral_education": (moral_education, "text", text_steps)}
+    for kind, (files, record_kind, steps) in synthetic.items():
+        if files:
+            source = sources.JsonlDataSource(sources.expand_files(files), validation_permille, record_kind)
+            task(kind, source, steps)
+        else:
+            _unavailable[prefix + kind] = f"needs the synthesis step's records: set safety_data.{kind}"
+
+    rates = dict(rates or {})
+    for mixture, kinds in ablations.items():
+        missing = [prefix + k for k in kinds if prefix + k not in registered]
+        if missing:
+            _unavailable[prefix + mixture] = f"needs task {missing[0]} ({_unavailable.get(missing[0], 'unknown kind')})"
+            continue
+        unrated = [k for k in kinds if rates.get(k, 0) <= 0]
+        if unrated:
+            raise errors.UserError(f"safety_data.rates has no positive rate for {unrated[0]!r} "
+                                   f"(used by {mixture})")
+        if prefix + mixture in seqio.MixtureRegistry.names():
+            seqio.MixtureRegistry.remove(prefix + mixture)
+        seqio.MixtureRegistry.add(prefix + mixture, [(prefix + k, rates[k]) for k in kinds])
+        registered.append(prefix + mixture)
+    return registered
+
+
+def unavailable() -> dict[str, str]:
+    """Kinds and mixtures the last `safety_data` call could not register, with the reason."""
+    return dict(_unavailable)
+
+
+@gin.configurable
+def safety_mixture(name: str = gin.REQUIRED) -> str:
+    """Registers the safety data (from gin) and returns `name`, a clear error if it cannot exist."""
+    registered = safety_data()
+    if name not in registered:
+        reason = _unavailable.get(name) or f"choose from {', '.join(registered)}"
+        raise errors.UserError(f"data {name!r} is not available: {reason}")
     return name

@@ -51,7 +51,7 @@ def insert_tags(tokens: tf.Tensor, seed: tf.Tensor, rate: float, tag_id: int,
                 classes: dict[str, tf.Tensor]) -> tf.Tensor:
     """Inserts `tag_id` before each word start (after the first word) with probability `rate`.
 
-    `seed` is a shape-[2] int tensor: the same seed and document give the same tags.
+    `seed` is a shape-[2] integer tensor: the same seed and tokens give the same tags.
     """
     draw = tf.random.stateless_uniform(tf.shape(tokens), seed=seed) < rate
     insert = word_starts(tokens, classes) & draw
@@ -60,10 +60,19 @@ def insert_tags(tokens: tf.Tensor, seed: tf.Tensor, rate: float, tag_id: int,
     return tf.boolean_mask(pairs, pairs >= 0)
 
 
-def tag_preprocessor(rate: float = 0.05, feature: str = "targets"):
-    """A seqio preprocessor (stateless, seeded) that tags every document of its dataset.
+def document_seed(doc_id: tf.Tensor, seed: int) -> tf.Tensor:
+    """A per-document seed from its id: the same document gets the same tags on any host, in
+    any order, after any resume."""
+    return tf.stack([tf.constant(seed, tf.int64), tf.strings.to_hash_bucket_fast(doc_id, 2**62)])
 
-    Which documents are unsafe (a score range) is decided before, by filtering on score.
+
+def tag_preprocessor(rate: float = 0.05, score_range: tuple[int, int] | None = None,
+                     seed: int = 0, feature: str = "targets"):
+    """A seqio preprocessor that tags tokenized documents, seeded by document id.
+
+    With `score_range` (inclusive), only documents whose `score` feature lies in it are tagged;
+    the others (safe, unscored, synthetic) pass through unchanged. Without it, every document is.
+    The `tagged` feature says which documents went through tagging (for the tag-rate statistics).
     """
 
     def preprocess(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
@@ -71,10 +80,15 @@ def tag_preprocessor(rate: float = 0.05, feature: str = "targets"):
         tag_id = vocab_lib.reserved_ids(vocabulary, (vocab_lib.HARM_TAG,))[vocab_lib.HARM_TAG]
         classes = {k: tf.constant(v) for k, v in piece_classes(vocabulary).items()}
 
-        @seqio.map_over_dataset(num_seeds=1)
-        def tag(example, seed):
-            return {**example, feature: insert_tags(example[feature], seed, rate, tag_id, classes)}
+        def tag(example):
+            tokens = example[feature]
+            eligible = tf.constant(True)
+            if score_range is not None:
+                eligible = (example["score"] >= score_range[0]) & (example["score"] <= score_range[1])
+            tagged = tf.cond(eligible, lambda: insert_tags(
+                tokens, document_seed(example["id"], seed), rate, tag_id, classes), lambda: tokens)
+            return {**example, feature: tagged, "tagged": eligible}
 
-        return tag(dataset)
+        return dataset.map(tag, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     return preprocess

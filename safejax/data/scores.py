@@ -1,0 +1,91 @@
+"""Score shards: the on-disk map from document id to harmfulness score 0-5, and its join.
+
+Format (written by `safejax score`, read here): JSONL or JSONL.gz files, one object a line:
+
+    {"id": "doc-42", "score": 3, "probs": [0.01, 0.02, 0.1, 0.6, 0.2, 0.07],
+     "categories": {"violence": 3}, "reason": "...", "scorer": "classifier"}
+
+`id` (string) and `score` (integer 0..5) are required; `probs` (6 floats summing to 1),
+`categories` (name -> 0..5), `reason` and `scorer` are optional and kept for inspection. Files
+are conventionally named `scores-00000-of-00008.jsonl.gz`, but any file list or glob works.
+
+An id may be scored more than once (the classifier and an LLM labeler, say): the join uses the
+maximum, as the paper does to favour recall. A malformed score line is an error naming its file
+and line: score shards are our own output, so a bad one means a broken step, not noisy data.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from safejax import errors
+from safejax.data import sources
+
+NUM_SCORES = 6
+MISSING = -1  # the joined score of a document that no shard scores
+
+
+def check_score_record(record, path: str, line: int) -> tuple[str, int]:
+    where = f"score shard {path} line {line}"
+    if not isinstance(record, dict):
+        raise errors.UserError(f"{where}: expected a JSON object")
+    doc_id, score = record.get("id"), record.get("score")
+    if not isinstance(doc_id, str) or not doc_id:
+        raise errors.UserError(f"{where}: field 'id' must be a non-empty string")
+    if isinstance(score, bool) or not isinstance(score, int) or not 0 <= score < NUM_SCORES:
+        raise errors.UserError(f"{where}: field 'score' must be an integer 0..5, got {score!r}")
+    probs = record.get("probs")
+    if probs is not None and (not isinstance(probs, list) or len(probs) != NUM_SCORES
+                              or abs(sum(probs) - 1.0) > 1e-3):
+        raise errors.UserError(f"{where}: field 'probs' must be {NUM_SCORES} probabilities summing to 1")
+    return doc_id, score
+
+
+def write_score_shard(path: str, records: Iterable[dict]) -> int:
+    """Writes score records (validated) to one shard; returns how many. `.gz` compresses."""
+    opener = gzip.open if path.endswith(".gz") else open
+    count = 0
+    with opener(path, "wt", encoding="utf-8") as f:
+        for count, record in enumerate(records, start=1):
+            check_score_record(record, path, count)
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return count
+
+
+def read_scores(patterns: Sequence[str] | str) -> dict[str, int]:
+    """All shards as {id: score}, the maximum where an id is scored more than once."""
+    scores: dict[str, int] = {}
+    for path in sources.expand_files(patterns):
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise errors.UserError(f"score shard {path} line {line_no}: bad JSON ({e.msg})") from e
+                doc_id, score = check_score_record(record, path, line_no)
+                scores[doc_id] = max(score, scores.get(doc_id, MISSING))
+    return scores
+
+
+@functools.lru_cache(maxsize=8)
+def score_table(patterns: tuple[str, ...]) -> tf.lookup.StaticHashTable:
+    """A TF hash table id -> score over the shards, built once per process and file list.
+
+    The whole map sits in host memory (about 100 bytes an id): fine up to some hundred million
+    documents a host. Beyond that, join in the Beam job (data/beam_cache.py) instead.
+    """
+    scores = read_scores(list(patterns))
+    if not scores:
+        raise errors.UserError(f"score shards {list(patterns)} hold no scores")
+    keys = tf.constant(list(scores), dtype=tf.string)
+    values = tf.constant(np.fromiter(scores.values(), dtype=np.int32, count=len(scores)))
+    return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, values), MISSING)
