@@ -54,6 +54,20 @@ def cmd_vocab(args, bindings) -> int:
     return 0
 
 
+def cmd_label(args, bindings) -> int:
+    from safejax import config
+    from safejax.safety import labeler
+
+    flags = {name: getattr(args, name) for name in labeler.FLAG_BINDINGS}
+    config.parse(["label/default.gin", *args.gin_file], bindings + labeler.flag_bindings(flags))
+    summary = labeler.run(args.input, args.output)
+    print(json.dumps(summary))
+    if summary["failed"]:
+        print(f"safejax: {summary['failed']} texts failed (see {args.output}/failed.jsonl); "
+              "rerun the same command to retry them", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
 def cmd_bench(args, bindings) -> int:
     from benchmarks import registry
 
@@ -78,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--model_type", choices=("unigram", "bpe"), default="unigram")
     voc.add_argument("--from_model", help="existing SentencePiece model to add the reserved tokens to")
     voc.set_defaults(run=cmd_vocab)
+
+    lab = sub.add_parser("label", help="score texts 0-5 with the rubric through an LLM behind an "
+                                       "OpenAI-compatible endpoint (resumable)")
+    _add_gin_args(lab)
+    lab.add_argument("--input", nargs="+", required=True, help="JSONL(.gz) files or globs with id, text")
+    lab.add_argument("--output", required=True, help="directory for labels.jsonl (also the cache), "
+                                                     "invalid.jsonl, failed.jsonl, quarantine.jsonl")
+    lab.add_argument("--base_url", help="endpoint, e.g. http://127.0.0.1:8000/v1")
+    lab.add_argument("--model", help="model name the endpoint serves")
+    lab.add_argument("--api_key_env", help="environment variable holding the API key")
+    lab.add_argument("--concurrency", type=int, help="requests in flight at once")
+    lab.add_argument("--timeout_s", type=float, help="seconds to wait on the endpoint per attempt")
+    lab.add_argument("--max_retries", type=int, help="retries on 429, 5xx and timeouts")
+    lab.add_argument("--prompt_file", help="the rubric prompt (default configs/label/rubric.md)")
+    lab.set_defaults(run=cmd_label)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its figures as JSON lines")
     bench.add_argument("name", help="which benchmark: train")

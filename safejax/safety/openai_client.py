@@ -103,14 +103,19 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 class ChatClient:
     """Thread-safe: one client serves every worker thread. `sleep` and `rng` are for tests."""
 
-    def __init__(self, endpoint: ChatEndpoint, sleep: Callable[[float], None] = time.sleep,
+    def __init__(self, endpoint: ChatEndpoint, sleep: Callable[[float], object] | None = None,
                  rng: random.Random | None = None):
         self.endpoint = endpoint
         self._api_key = os.environ.get(endpoint.api_key_env, "") if endpoint.api_key_env else ""
-        self._sleep = sleep
+        self._stopped = threading.Event()
+        self._sleep = sleep or self._stopped.wait  # waiting on the event lets stop() cut a backoff short
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self.requests = 0  # HTTP requests sent, retries included
+
+    def stop(self) -> None:
+        """Ends every pending and later retry at once (a run that is stopping waits for no backoff)."""
+        self._stopped.set()
 
     def complete(self, messages: list[dict]) -> str:
         """The assistant's reply to `messages` ("" when the server sends no content)."""
@@ -133,6 +138,8 @@ class ChatClient:
                 attempt += 1
                 logging.warning("%s from %s; retry %d/%d in %.2fs", e, ep.url, attempt, ep.max_retries, delay)
                 self._sleep(delay)
+                if self._stopped.is_set():
+                    raise RequestFailed(f"{e} (stopped before retry {attempt})") from None
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         ep = self.endpoint
@@ -167,6 +174,8 @@ class ChatClient:
     def _status_error(self, e: urllib.error.HTTPError) -> Exception:
         try:
             detail = e.read()[:ERROR_BODY_CHARS].decode("utf-8", errors="replace")
+            if self._api_key:  # some servers quote the key they refused
+                detail = detail.replace(self._api_key, "***")
         except (OSError, http.client.HTTPException):
             detail = ""
         finally:
