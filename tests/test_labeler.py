@@ -12,6 +12,7 @@ The server answers from markers in each text, so every retry and parse path is s
 """
 
 import collections
+import gzip
 import json
 import os
 import re
@@ -377,6 +378,7 @@ def _closed_port() -> int:
     ("other model", 2, "holds labels made with model='rubric-test', this run has model='other'"),
     ("failing", 1, "1 texts failed (see {out}/failed.jsonl); rerun the same command"),
     ("no input", 2, "corpus file not found: {tmp}/missing*.jsonl"),
+    ("truncated gzip", 2, "cannot read {tmp}/in.jsonl.gz: EOFError"),
 ])
 def test_cli_errors(fake, tmp_path, monkeypatch, capsys, case, code, message):
     inputs = [_write_docs(tmp_path / "in.jsonl", [("a", "plain"), ("b", "[down]")])]
@@ -393,6 +395,10 @@ def test_cli_errors(fake, tmp_path, monkeypatch, capsys, case, code, message):
         extra += ["--model", "other"]
     elif case == "no input":
         inputs = [str(tmp_path / "missing*.jsonl")]
+    elif case == "truncated gzip":
+        inputs = [str(tmp_path / "in.jsonl.gz")]
+        with open(inputs[0], "wb") as f:
+            f.write(gzip.compress(open(tmp_path / "in.jsonl", "rb").read() * 50)[:-30])
     capsys.readouterr()
 
     assert _cli(url, out, inputs, *extra) == code

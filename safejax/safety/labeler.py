@@ -362,10 +362,14 @@ class _Labeling:
 
 
 def _count_lines(files: list[str]) -> int:
+    """Non-blank lines (the progress bar's total); reading every file first also finds a damaged one."""
     count = 0
     for path in files:
-        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
-            count += sum(1 for line in f if line.strip())
+        try:
+            with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+                count += sum(1 for line in f if line.strip())
+        except (OSError, EOFError) as e:
+            raise errors.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     return count
 
 
