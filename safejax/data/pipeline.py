@@ -81,7 +81,8 @@ def _iterate(ds: tf.data.Dataset, task: str) -> Iterator[dict[str, np.ndarray]]:
     except tf.errors.InvalidArgumentError as e:
         if "assertion failed" not in e.message:
             raise
-        raise errors.UserError(f"data {task!r}: {' '.join(e.message.split())[:500]}") from None
+        check = " ".join(e.message[e.message.index("assertion failed:") + 17:].split())
+        raise errors.UserError(f"data {task!r}: {check[:500]}") from None
 
 
 def train_batches(cfg: DataConfig, start: int = 0) -> Iterator[dict[str, np.ndarray]]:

@@ -46,7 +46,8 @@ def join_scores(score_files: tuple[str, ...], task: str, on_missing: str = "erro
         raise errors.UserError(f"on_missing_score must be one of {MISSING_SCORE_POLICIES}, got {on_missing!r}")
 
     def note_unscored(doc_id: bytes) -> bool:
-        QUARANTINE.add("no_score", (task, doc_id), task=task, id=doc_id.decode(errors="replace"))
+        doc = doc_id.decode(errors="replace")
+        QUARANTINE.add("no_score", (task, doc), task=task, id=doc)
         return False
 
     def preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:

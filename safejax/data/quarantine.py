@@ -8,8 +8,8 @@ One ledger per process (`QUARANTINE`): tf.data calls back into Python from its o
 the train run, `safejax data stats` and the Beam job each point it at their output file with
 `write_to`. The file is JSONL, one object per entry:
 
-    {"reason": "bad_json", "file": "/data/a.jsonl.gz", "line": 17, "detail": "...", "raw": "..."}
-    {"reason": "no_score", "task": "score_0", "id": "doc-42"}
+    {"reason": "bad_json", "key": [FILE, 17], "file": FILE, "line": 17, "detail": "...", "raw": "..."}
+    {"reason": "no_score", "key": [TASK, "doc-42"], "task": TASK, "id": "doc-42"}
 """
 
 from __future__ import annotations
@@ -34,17 +34,28 @@ class Quarantine:
         self._file = None
 
     def write_to(self, path: str | None) -> None:
-        """Appends later entries to `path` (any tf.io.gfile path); None keeps counts only."""
+        """Appends later entries to `path` (any tf.io.gfile path); None keeps counts only.
+
+        Entries already in the file (a run resumed in a new process) count and are not repeated.
+        """
         with self._lock:
             if self._file is not None:
                 self._file.close()
             self._path, self._file = path, None
+            if path and tf.io.gfile.exists(path):
+                with tf.io.gfile.GFile(path) as f:
+                    for line in f:
+                        entry = json.loads(line)
+                        key = (entry["reason"], tuple(entry["key"]))
+                        if key not in self._seen:
+                            self._seen.add(key)
+                            self._counts[entry["reason"]] += 1
 
     @property
     def path(self) -> str | None:
         return self._path
 
-    def add(self, reason: str, key: tuple, **fields) -> None:
+    def add(self, reason: str, key: tuple[str | int, ...], **fields) -> None:
         """Records one entry unless `key` was recorded before (a record read in a later epoch)."""
         with self._lock:
             if (reason, key) in self._seen:
@@ -57,7 +68,8 @@ class Quarantine:
                     if os.path.dirname(self._path):
                         tf.io.gfile.makedirs(os.path.dirname(self._path))
                     self._file = tf.io.gfile.GFile(self._path, "a")
-                self._file.write(json.dumps({"reason": reason, **fields}, ensure_ascii=False) + "\n")
+                entry = {"reason": reason, "key": list(key), **fields}
+                self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 self._file.flush()
         if first_of_reason:
             logging.warning("set aside a record: %s (%s); all such records go to %s", reason,

@@ -298,7 +298,7 @@ class TfdsTextSource(_HashSplitMixin, seqio.DataSource):
             except UnicodeDecodeError as e:
                 problem, detail = "invalid_utf8", f"byte {e.start}"
             if problem:
-                QUARANTINE.add(problem, (name, doc_id), file=f"tfds:{name}", line=doc_id.decode(),
+                QUARANTINE.add(problem, (name, doc_id.decode()), file=f"tfds:{name}", line=doc_id.decode(),
                                detail=detail, raw=raw_text(text))
                 return _as_example(None)
             return _as_example({"id": doc_id.decode(), "text": decoded})

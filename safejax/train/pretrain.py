@@ -15,6 +15,7 @@ import jax
 
 from safejax import config, parallel
 from safejax.data import pipeline
+from safejax.data.quarantine import QUARANTINE
 from safejax.models.decoder import DecoderConfig
 from safejax.train import optim
 from safejax.train.lm import LanguageModelObjective
@@ -42,11 +43,13 @@ def train(workdir: str) -> dict:
     trainer, data, schedule = build_trainer()
     if jax.process_index() == 0:
         config.write_effective_config(workdir)
+    QUARANTINE.write_to(os.path.join(os.path.abspath(workdir), f"quarantine-{jax.process_index()}.jsonl"))
     logging.info("model %s on mesh %s", json.dumps(trainer.objective.describe()), dict(trainer.mesh.shape))
     summary = fit(trainer, workdir,
                   lambda position: pipeline.in_background(pipeline.train_batches(data, position)),
                   lambda: pipeline.eval_batches(data), schedule)
     summary.update(workdir=os.path.abspath(workdir),
                    checkpoints=os.path.join(os.path.abspath(workdir), "checkpoints"),
-                   metrics=os.path.join(os.path.abspath(workdir), "metrics.jsonl"))
+                   metrics=os.path.join(os.path.abspath(workdir), "metrics.jsonl"),
+                   quarantined=QUARANTINE.counts())
     return summary

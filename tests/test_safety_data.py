@@ -1,0 +1,238 @@
+"""The safety data pipeline: sources and quarantine, score joins and filters, tags by score range,
+RefuseWeb dialogues, ablation mixtures, the loss-on-tag switch and `safejax data`."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+import safety_fixtures as fx
+from safejax import cli, config, errors, vocab
+from safejax.data import pipeline, scores, sources, stats, tasks
+from safejax.data.quarantine import QUARANTINE
+from safejax.data.tasks import BUNDLED_VOCAB
+
+VOCAB = vocab.load_vocabulary(BUNDLED_VOCAB)
+RESERVED = vocab.reserved_ids(VOCAB)
+TAG = RESERVED[vocab.HARM_TAG]
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    return fx.make(str(tmp_path_factory.mktemp("safety")), documents=240, unscored=0)
+
+
+@pytest.fixture
+def safety(data_files):
+    """Parses configs/data/safety.gin over the fixture files; returns a function to rebind."""
+
+    def parse(*extra, files=data_files):
+        QUARANTINE.reset()
+        QUARANTINE.write_to(None)
+        config.parse(["data/safety.gin"], fx.bindings(files) + list(extra))
+        return tasks.safety_data()
+
+    parse()
+    return parse
+
+
+def _documents(name):
+    task = seqio.get_mixture_or_task(name)
+    return list(stats.documents(task, "train", 0, None).as_numpy_iterator())
+
+
+def _all_ids(name, split="train"):
+    return {x["id"].decode() for x in
+            seqio.get_mixture_or_task(name).source.get_dataset(split, shuffle=False).as_numpy_iterator()}
+
+
+def test_malformed_records_are_quarantined_with_file_and_line(data_files, tmp_path):
+    QUARANTINE.reset()
+    path = str(tmp_path / "quarantine.jsonl")
+    QUARANTINE.write_to(path)
+    source = sources.JsonlDataSource([data_files["corpus"]], validation_permille=0)
+    ids = [x["id"].decode() for x in source.get_dataset("train", shuffle=False).as_numpy_iterator()]
+    assert ids == [f"doc-{i}" for i in range(240)]  # every valid record, in order
+    entries = [json.loads(line) for line in open(path)]
+    assert sorted(e["reason"] for e in entries) == sorted(fx.BAD_LINES.values())
+    with open(data_files["corpus"], "rb") as f:
+        lines = f.read().split(b"\n")
+    for entry in entries:
+        assert entry["file"] == data_files["corpus"]
+        assert fx.BAD_LINES[lines[entry["line"] - 1]] == entry["reason"]
+    # A second epoch, or a resumed run reopening the file, records nothing twice.
+    list(source.get_dataset("train", shuffle=False).as_numpy_iterator())
+    QUARANTINE.reset()
+    QUARANTINE.write_to(path)
+    assert QUARANTINE.total() == len(fx.BAD_LINES)
+    list(source.get_dataset("train", shuffle=False).as_numpy_iterator())
+    assert len(open(path).readlines()) == len(fx.BAD_LINES)
+    QUARANTINE.write_to(None)
+
+
+def test_tfrecord_source_keeps_extra_features_and_quarantines_bad_records(tmp_path):
+    QUARANTINE.reset()
+    path = str(tmp_path / "docs.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        for i in range(5):
+            feature = {"body": tf.train.Feature(bytes_list=tf.train.BytesList(value=[f"text {i}".encode()])),
+                       "year": tf.train.Feature(int64_list=tf.train.Int64List(value=[2000 + i]))}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+        writer.write(b"not a protobuf \xff\xfe")
+        writer.write(tf.train.Example().SerializeToString())  # no text at all
+    source = sources.TfrecordDataSource([path], validation_permille=0, text_feature="body")
+    records = list(source.get_dataset("train", shuffle=False).as_numpy_iterator())
+    assert [r["text"].decode() for r in records] == [f"text {i}" for i in range(5)]
+    assert records[0]["id"].decode() == "docs.tfrecord:0"
+    assert json.loads(records[2]["json"])["year"] == 2002
+    assert QUARANTINE.counts() == {"bad_record": 1, "missing_text": 1}
+
+
+def test_tfds_source_reads_a_built_dataset_with_stable_ids(tmp_path):
+    import tensorflow_datasets as tfds
+
+    texts = ["" if i == 7 else f"document number {i}" for i in range(40)]
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="safejax_tiny_text", version="1.0.0", data_dir=str(tmp_path),
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+        split_datasets={"train": [(i, {"text": t}) for i, t in enumerate(texts)]})
+    QUARANTINE.reset()
+    source = sources.TfdsTextSource("safejax_tiny_text", data_dir=str(tmp_path), validation_permille=0)
+    records = list(source.get_dataset("train", shuffle=False).as_numpy_iterator())
+    assert len(records) == 39 and QUARANTINE.counts() == {"empty_text": 1}
+    again = list(source.get_dataset("train", shuffle=False).as_numpy_iterator())
+    assert [r["id"] for r in records] == [r["id"] for r in again]
+    assert len({r["id"] for r in records}) == 39
+
+
+def test_score_filters_keep_exactly_the_requested_ranges(safety):
+    for name, (low, high) in {"score_0": (0, 0), "score_1_3": (1, 3), "score_4_5": (4, 5)}.items():
+        got = {x["id"].decode() for x in _documents(name)}
+        expected = {i for i in _all_ids("raw") if low <= fx.score_of(int(i[4:])) <= high}
+        assert got == expected and got
+        assert all(low <= x["score"] <= high for x in _documents(name))
+
+
+def test_tags_go_only_into_documents_in_the_tag_score_range(safety):
+    safety("safety_data.tag_scores = (4, 5)", "safety_data.tag_rate = 0.5")
+    for doc in _documents("raw_tagged"):
+        has_tags = bool((doc["targets"] == TAG).any())
+        assert bool(doc["tagged"]) == (doc["score"] >= 4)
+        assert has_tags == bool(doc["tagged"])  # every in-range document is long enough to get one
+    assert not any((d["targets"] == TAG).any() for d in _documents("score_1_3_tagged"))
+    assert not any((d["targets"] == TAG).any() for d in _documents("rephrased"))
+
+
+def test_tagged_and_untagged_documents_tokenize_the_same(safety):
+    plain = {d["id"]: d["targets"] for d in _documents("score_4_5")}
+    tagged = {d["id"]: d["targets"] for d in _documents("score_4_5_tagged")}
+    assert plain.keys() == tagged.keys()
+    assert sum(int((t == TAG).sum()) for t in tagged.values()) > 0
+    for doc_id, tokens in tagged.items():
+        np.testing.assert_array_equal(tokens[tokens != TAG], plain[doc_id])
+
+
+def test_a_document_without_a_score_is_an_error_or_skipped_and_counted(tmp_path, safety):
+    files = fx.make(str(tmp_path), documents=60, unscored=3)
+    safety("DataConfig.eval_batches = 0", "safety_mixture.name = 'ablation_score0'", "SEQ_LEN = 32",
+           files=files)
+    with pytest.raises(errors.UserError, match="has no score"):
+        next(pipeline.train_batches(pipeline.DataConfig()))
+    safety("safety_data.on_missing_score = 'skip'", files=files)
+    assert len(_documents("score_0")) == len([i for i in range(57) if fx.score_of(i) == 0])
+    assert QUARANTINE.counts().get("no_score") == 3
+
+
+def test_refuseweb_dialogues_use_role_markers_and_record_the_names(safety):
+    docs = {d["id"].decode(): d for d in _documents("refuseweb")}
+    assert len(docs) + len(_all_ids("refuseweb", "validation")) == 30
+    first = docs["refuse-0"]
+    assert first["roles"].decode() == "Pupil/Mentor"  # the record's own names win
+    tokens = first["targets"].tolist()
+    user, assistant, end = (RESERVED[m] for m in vocab.ROLE_MARKERS)
+    assert tokens[0] == user and tokens[-1] == end
+    assert tokens.count(assistant) == 1 and tokens.count(end) == 2
+    assert VOCAB.decode(tokens[1:tokens.index(end)]).startswith("Pupil: ")
+    names = {d["roles"].decode() for d in docs.values()}
+    assert len(names) >= 3  # varied by dialogue id
+
+
+def test_mixture_shares_match_their_rates_within_sampling_error(safety):
+    mixture = seqio.get_mixture_or_task("ablation_full")
+    samples = 3000
+    measured = stats.mixture_shares(mixture, samples, seed=1)
+    total = sum(mixture.get_rate(t) for t in mixture.tasks)
+    for task in mixture.tasks:
+        share = mixture.get_rate(task) / total
+        sigma = (share * (1 - share) / samples) ** 0.5
+        assert abs(measured.get(task.name, 0.0) - share) < 4 * sigma + 1e-9, task.name
+
+
+def test_a_mixture_without_its_inputs_is_a_clear_error(safety):
+    safety("safety_data.refuseweb = None", "safety_mixture.name = 'ablation_refusal'")
+    assert "ablation_refusal" in tasks.unavailable()
+    with pytest.raises(errors.UserError, match="needs task refuseweb"):
+        tasks.safety_mixture()
+
+
+def test_loss_on_tag_switch_zeroes_the_weights_of_tag_targets(safety):
+    base = ("safety_mixture.name = 'ablation_tags'", "SEQ_LEN = 64", "DataConfig.global_batch_size = 8",
+            "safety_data.tag_rate = 0.3")
+    safety(*base)
+    with_loss = next(pipeline.train_batches(pipeline.DataConfig()))
+    safety(*base, "DataConfig.loss_on_tag = False")
+    without = next(pipeline.train_batches(pipeline.DataConfig()))
+    np.testing.assert_array_equal(with_loss["targets"], without["targets"])
+    is_tag = with_loss["targets"] == TAG
+    assert is_tag.any()
+    assert (with_loss["weights"][is_tag] == 1).all() and (without["weights"][is_tag] == 0).all()
+    np.testing.assert_array_equal(with_loss["weights"][~is_tag], without["weights"][~is_tag])
+
+
+def test_two_hosts_get_disjoint_documents_that_cover_the_task(safety):
+    """One input file, two hosts: seqio shards by example; each document reaches one host."""
+    task = seqio.get_mixture_or_task("score_1_3")
+
+    def documents(shard=None):
+        ds = task.get_dataset({"targets": 4096}, "train", shuffle=False, shard_info=shard, num_epochs=1)
+        return [tuple(x["targets"]) for x in ds.as_numpy_iterator()]
+
+    hosts = [documents(seqio.ShardInfo(i, 2)) for i in range(2)]
+    assert hosts[0] and hosts[1]
+    assert sorted(hosts[0] + hosts[1]) == sorted(documents())
+
+
+def test_mixture_batches_are_deterministic_and_resume_exactly(safety):
+    safety("safety_mixture.name = 'ablation_full'", "SEQ_LEN = 64", "DataConfig.global_batch_size = 4")
+    cfg = pipeline.DataConfig()
+    first = [b for _, b in zip(range(5), pipeline.train_batches(cfg))]
+    resumed = [b for _, b in zip(range(2), pipeline.train_batches(cfg, start=3))]
+    for a, b in zip(first[3:], resumed):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_bad_score_shard_line_names_its_file_and_line(tmp_path):
+    path = str(tmp_path / "scores.jsonl")
+    with open(path, "w") as f:
+        f.write('{"id": "a", "score": 2}\n{"id": "b", "score": 9}\n')
+    with pytest.raises(errors.UserError, match=r"scores.jsonl line 2: field 'score'"):
+        scores.read_scores([path])
+
+
+def test_data_cli_lists_and_measures(safety, data_files, capsys):
+    args = ["data", "stats", "ablation_tags", "--show", "1"] + [
+        "--gin." + b.replace(" = ", "=") for b in fx.bindings(data_files)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    report, end = json.JSONDecoder().raw_decode(out)
+    assert json.loads(out[end:].strip().splitlines()[0])["task"] in report["shares"]
+    for key in ("documents", "tokens", "tagged_documents", "tag_rate", "quarantined", "shares"):
+        assert key in report
+    assert report["quarantined"] == len(fx.BAD_LINES)
+    assert set(report["shares"]) == {"score_0", "rephrased", "score_1_3_tagged", "score_4_5_tagged"}
+    assert cli.main(["data", "stats", "no_such_task"]) == 2
+    assert "not registered" in capsys.readouterr().err
