@@ -68,6 +68,56 @@ def cmd_label(args, bindings) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _classifier_config(gin_files, bindings) -> None:
+    from safejax import config
+    from safejax.train import classify  # noqa: F401 (registers the classifier's configurables)
+
+    config.parse(gin_files or ["classifier/minilm.gin"], bindings)
+
+
+def cmd_classifier_train(args, bindings) -> int:
+    from safejax import parallel
+    from safejax.train import classify
+
+    parallel.initialize_distributed()
+    _classifier_config(args.gin_file, bindings)
+    summary = classify.train(args.workdir)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_classifier_eval(args, bindings) -> int:
+    from safejax.safety import classifier_eval
+
+    trained = os.path.join(args.workdir, "config.gin")
+    if not os.path.isfile(trained):
+        raise errors.UserError(f"{args.workdir} has no config.gin: train it with safejax classifier-train first")
+    _classifier_config([trained, *args.gin_file], bindings)
+    report = classifier_eval.evaluate(args.workdir, args.split)
+    print(classifier_eval.markdown(report), end="")
+    return 0
+
+
+def cmd_data(args, bindings) -> int:
+    from safejax import config
+    from safejax.data import quarantine, stats, tasks
+
+    config.parse(args.gin_file or ["data/safety.gin"], bindings)
+    tasks.safety_data()
+    if args.action == "list":
+        print(json.dumps(stats.list_data(), indent=1))
+        return 0
+    if not args.name:
+        raise errors.UserError("data stats needs the NAME of a task or mixture (see `safejax data list`)")
+    quarantine.QUARANTINE.write_to(args.quarantine)
+    report = stats.stats(args.name, args.split, limit=args.max_documents)
+    print(json.dumps(report, indent=1))
+    if args.show:
+        for example in stats.show(args.name, args.show, args.split):
+            print(json.dumps(example, ensure_ascii=False))
+    return 0
+
+
 def cmd_bench(args, bindings) -> int:
     from benchmarks import registry
 
@@ -107,6 +157,29 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--max_retries", type=int, help="retries on 429, 5xx and timeouts")
     lab.add_argument("--prompt_file", help="the rubric prompt (default configs/label/rubric.md)")
     lab.set_defaults(run=cmd_label)
+
+    ctrain = sub.add_parser("classifier-train", help="train the 0-5 safety classifier (encoder + linear "
+                                                     "head) and evaluate it; resumable")
+    _add_gin_args(ctrain)
+    ctrain.add_argument("--workdir", required=True, help="checkpoints, model/, eval.json, eval.md go here")
+    ctrain.set_defaults(run=cmd_classifier_train)
+
+    ceval = sub.add_parser("classifier-eval", help="evaluate a trained classifier and the two baselines "
+                                                   "(writes DIR/eval.json and DIR/eval.md)")
+    _add_gin_args(ceval)
+    ceval.add_argument("--workdir", required=True, help="a classifier-train workdir")
+    ceval.add_argument("--split", choices=("test", "validation"), default="test")
+    ceval.set_defaults(run=cmd_classifier_eval)
+
+    data = sub.add_parser("data", help="list, measure and show the safety data's seqio tasks and mixtures")
+    _add_gin_args(data)
+    data.add_argument("action", choices=("list", "stats"))
+    data.add_argument("name", nargs="?", help="task or mixture (see `safejax data list`)")
+    data.add_argument("--show", type=int, default=0, metavar="N", help="also decode N documents")
+    data.add_argument("--split", default="train", choices=("train", "validation"))
+    data.add_argument("--max_documents", type=int, help="measure only the first N documents of each task")
+    data.add_argument("--quarantine", help="write the malformed records found to this JSONL file")
+    data.set_defaults(run=cmd_data)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its figures as JSON lines")
     bench.add_argument("name", help="which benchmark: train")
