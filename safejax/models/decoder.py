@@ -85,6 +85,11 @@ class DecoderBlock(nnx.Module):
         x = x + self.attn(self.attn_norm(x), positions, bias)
         return x + self.mlp(self.mlp_norm(x))
 
+    def decode(self, x, positions, bias, cache, index):
+        attn, cache = self.attn.decode(self.attn_norm(x), positions, bias, cache, index)
+        x = x + attn
+        return x + self.mlp(self.mlp_norm(x)), cache
+
 
 class Decoder(nnx.Module):
     """Token ids -> next-token logits (fp32)."""
@@ -109,6 +114,25 @@ class Decoder(nnx.Module):
         x = self.embed(tokens)
         for block in self.blocks:
             x = self._run_block(block, x, positions, bias)
+        return self._logits(x)
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: list[dict], index: jax.Array,
+               attend_mask: jax.Array, last_only: bool = False) -> tuple[jax.Array, list[dict]]:
+        """Cached forward for sampling: the new tokens' K/V are written into `cache` at columns
+        index .. index + t - 1, and each new token attends where attend_mask (b, t, s) is True.
+
+        Returns the logits (b, t, vocab), or (b, 1, vocab) for the last token with `last_only`
+        (a prompt's prefill), and the updated cache (from `init_cache`).
+        """
+        bias = jnp.where(attend_mask, 0.0, -1e30).astype(jnp.float32)[:, None]
+        x = self.embed(tokens)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x, layer_cache = block.decode(x, positions, bias, layer_cache, index)
+            new_cache.append(layer_cache)
+        return self._logits(x[:, -1:] if last_only else x), new_cache
+
+    def _logits(self, x):
         x = self.final_norm(x)
         head = self.embed if self.lm_head is None else self.lm_head
         return head.attend(x)
@@ -118,6 +142,14 @@ class Decoder(nnx.Module):
             return block(x, positions, bias)
         policy = REMAT_POLICIES[self.cfg.remat]
         return nnx.remat(lambda b, *args: b(*args), policy=policy)(block, x, positions, bias)
+
+
+def init_cache(cfg: DecoderConfig, batch: int, length: int) -> list[dict]:
+    """An empty K/V cache for `Decoder.decode`: per layer {"k", "v"} of (batch, kv_heads, length,
+    head_dim) in the compute dtype."""
+    shape = (batch, cfg.kv_heads, length, cfg.head_size)
+    return [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+            for _ in range(cfg.num_layers)]
 
 
 def count_params(cfg: DecoderConfig) -> dict[str, int]:

@@ -116,11 +116,19 @@ def causal_attention(q, k, v, bias, query_block: int, dtype) -> jax.Array:
     outputs = []
     for start in range(0, t, block):
         end = min(start + block, t)
-        logits = jnp.einsum("bkgth,bksh->bkgts", q[:, :, :, start:end], k[:, :, :end],
-                            preferred_element_type=jnp.float32) + bias[:, :, None, start:end, :end]
-        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        outputs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v[:, :, :end]))
+        outputs.append(attend(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end],
+                              bias[:, :, start:end, :end], dtype))
     return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=3)
+
+
+def attend(q, k, v, bias, dtype) -> jax.Array:
+    """Softmax attention of q (b, kv, g, t, h) over k, v (b, kv, s, h); bias (b, 1, t, s)."""
+    logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) + bias[:, :, None]
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bksh->bkgth", probs, v)
+
+
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # a K or V cache, head-major like `attend`
 
 
 class Attention(nnx.Module):
@@ -145,6 +153,25 @@ class Attention(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array) -> jax.Array:
+        q, k, v = self._project(x, positions)
+        return self._output(causal_attention(q, k, v, bias, self.query_block, self.dtype))
+
+    def decode(self, x: jax.Array, positions: jax.Array, bias: jax.Array, cache: dict,
+               index: jax.Array) -> tuple[jax.Array, dict]:
+        """Attention of new tokens over a K/V cache they are first written into.
+
+        cache: {"k", "v"} of shape (b, kv, s, h); the new tokens' K/V go to columns
+        index .. index + t - 1; bias (b, 1, t, s) says which columns each new token sees, so the
+        caller decides causality, padding and tree-shaped lookahead.
+        """
+        q, k, v = self._project(x, positions)
+        start = (0, 0, index, 0)
+        cache = {name: constrain(jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), start),
+                                 CACHE_AXES) for name, new in (("k", k), ("v", v))}
+        return self._output(attend(q, cache["k"], cache["v"], bias, self.dtype)), cache
+
+    def _project(self, x, positions):
+        """Queries (b, kv, g, t, h), pre-scaled, and keys, values (b, kv, t, h), with RoPE."""
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
         q = constrain(dense(x, w(self.wq)), ("batch", "length", "heads", "head_dim"))
         k = constrain(dense(x, w(self.wk)), ("batch", "length", "kv_heads", "head_dim"))
@@ -157,10 +184,12 @@ class Attention(nnx.Module):
         # Head-major layout for the two batched matmuls (measured faster on XLA:CPU); query
         # groups of size n // kv share one K/V head.
         q = (q * h**-0.5).reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # b k g t h
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # b k s h
-        out = causal_attention(q, k, v, bias, self.query_block, self.dtype)
-        out = constrain(out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), ("batch", "length", "heads", "head_dim"))
-        return constrain(dense(out, w(self.wo), in_dims=2), ("batch", "length", "embed"))
+        return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def _output(self, out):
+        b, kv, g, t, h = out.shape
+        out = constrain(out.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, h), ("batch", "length", "heads", "head_dim"))
+        return constrain(dense(out, self.wo[...].astype(self.dtype), in_dims=2), ("batch", "length", "embed"))
 
 
 class SwiGLU(nnx.Module):
