@@ -26,6 +26,12 @@ def _add_gin_args(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "Any --gin.NAME=VALUE argument binds a gin parameter or macro, e.g. --gin.TRAIN_STEPS=30."
 
 
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a `safejax train` workdir (config.gin + checkpoints/)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--vocab", help="SentencePiece model (default: the one the training config names)")
+
+
 def cmd_train(args, bindings) -> int:
     from safejax import config, parallel
     from safejax.train import pretrain
@@ -118,6 +124,67 @@ def cmd_data(args, bindings) -> int:
     return 0
 
 
+def cmd_sample(args, bindings) -> int:
+    from safejax.inference import params as sampling
+    from safejax.inference.generate import Generator, Request
+
+    gen = Generator.from_checkpoint(args.checkpoint, args.step, args.gin_file, bindings, args.vocab)
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += _read_prompts(args.prompt_file)
+    if not prompts:
+        raise errors.UserError("sample needs --prompt TEXT or --prompt_file FILE")
+    params = gen.params(**sampling.overrides(args))
+    encode = (lambda p: gen.encode_chat([{"role": "user", "content": p}])) if args.chat else gen.encode
+    requests = [Request(encode(p), params.replace(seed=params.seed + i), args.chat) for i, p in enumerate(prompts)]
+    for prompt, c in zip(prompts, gen.run(requests)):
+        print(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
+                          "new_tokens": len(c.tokens), "score": c.score}, ensure_ascii=False))
+    return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    """One prompt a line; a .jsonl file holds objects with a "prompt" field."""
+    try:
+        lines = (sys.stdin if path == "-" else open(path, encoding="utf-8")).read().splitlines()
+    except OSError as e:
+        raise errors.UserError(f"cannot read prompt file {path}: {e.strerror}") from e
+    if not path.endswith(".jsonl"):
+        return [line for line in lines if line.strip()]
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            prompts.append(json.loads(line)["prompt"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise errors.UserError(f"{path}:{n}: expected a JSON object with a \"prompt\" field") from None
+    return prompts
+
+
+def cmd_serve(args, bindings) -> int:
+    import dataclasses
+    import threading
+
+    from safejax.inference.generate import Generator
+    from safejax.inference.server import Server, ServerConfig
+
+    gen = Generator.from_checkpoint(args.checkpoint, args.step, args.gin_file, bindings, args.vocab)
+    cfg = ServerConfig()
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    try:
+        server = Server(gen, cfg, args.model_name or os.path.basename(os.path.abspath(args.checkpoint)))
+    except OSError as e:
+        raise errors.UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from e
+    server.start()
+    print(json.dumps({"url": server.url, "model": server.model_name}), flush=True)
+    try:
+        threading.Event().wait()  # until Ctrl-C or SIGTERM
+    finally:
+        server.shutdown()
+    return 0
+
+
 def cmd_bench(args, bindings) -> int:
     from benchmarks import registry
 
@@ -180,6 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max_documents", type=int, help="measure only the first N documents of each task")
     data.add_argument("--quarantine", help="write the malformed records found to this JSONL file")
     data.set_defaults(run=cmd_data)
+
+    samp = sub.add_parser("sample", help="generate text from a checkpoint (greedy, sample, beam, safebeam)")
+    _add_gin_args(samp)
+    _add_checkpoint_args(samp)
+    samp.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    samp.add_argument("--prompt_file", help="one prompt a line (.jsonl: {\"prompt\": ...} objects); - for stdin")
+    samp.add_argument("--chat", action="store_true", help="send each prompt as a user turn of a chat")
+    from safejax.inference import params as sampling
+    sampling.add_arguments(samp)
+    samp.set_defaults(run=cmd_sample)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible completions server over a checkpoint")
+    _add_gin_args(serve)
+    _add_checkpoint_args(serve)
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1, ServerConfig.host)")
+    serve.add_argument("--port", type=int, help="port (default 8000, ServerConfig.port; 0 picks a free one)")
+    serve.add_argument("--model_name", help="the model id clients see (default: the checkpoint directory's name)")
+    serve.set_defaults(run=cmd_serve)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its figures as JSON lines")
     bench.add_argument("name", help="which benchmark: train")
