@@ -6,7 +6,7 @@ import importlib
 
 from safejax import errors
 
-BENCHMARKS = {"train": "benchmarks.train"}
+BENCHMARKS = {"train": "benchmarks.train", "sample": "benchmarks.sample"}
 
 
 def run(name: str, argv: list[str]) -> int:
