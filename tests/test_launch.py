@@ -332,16 +332,59 @@ def test_local_usage_errors(env, args):
     assert_usage_error(run("local.sh", "--dry-run", *args, env=env))
 
 
+# --- beam_dataflow.sh ---------------------------------------------------------
+
+DATAFLOW = ["--project", "p", "--region", "us-central1", "--bucket", "gs://b/", "--package", "dist/s.whl"]
+
+
+def test_dataflow_dry_run_prints_the_cache_command_with_dataflow_options(env):
+    proc = run("beam_dataflow.sh", *DATAFLOW, "--workers", "4", "--job", "j1", "--dry-run", "--",
+               "ablation_full", "--gin.SCORES=['gs://b/s/*']", env=env)
+    assert proc.returncode == 0, proc.stderr
+    words = shlex.split(proc.stdout)
+    assert words[:5] == ["safejax", "data", "cache", "ablation_full", "--gin.SCORES=['gs://b/s/*']"]
+    assert words[5:8] == ["--cache_dir", "gs://b/cache", "--"]
+    for option in ("--runner=DataflowRunner", "--project=p", "--region=us-central1",
+                   "--temp_location=gs://b/tmp", "--max_num_workers=4", "--extra_package=dist/s.whl",
+                   "--job_name=j1"):
+        assert option in words[8:]
+
+
+def test_dataflow_runs_safejax_with_the_arguments_intact(env, tmp_path):
+    package = tmp_path / "s.whl"
+    package.write_text("")
+    args = [a if a != "dist/s.whl" else str(package) for a in DATAFLOW]
+    proc = run("beam_dataflow.sh", *args, "--", *TRICKY_ARGS, env=env)
+    assert proc.returncode == 0, proc.stderr
+    recorded = (Path(env["FAKE_OUT"]) / "safejax.0.args").read_bytes().split(b"\0")[:-1]
+    assert [a.decode() for a in recorded[:2 + len(TRICKY_ARGS)]] == ["data", "cache", *TRICKY_ARGS]
+
+
+@pytest.mark.parametrize("args", [
+    ["--", "ablation_full"],  # no project
+    DATAFLOW[:6] + ["--", "x"],  # no package
+    ["--project", "p", "--region", "r", "--bucket", "b", "--package", "w", "--", "x"],  # not gs://
+    DATAFLOW,  # no --
+    DATAFLOW + ["--"],  # nothing after --
+    DATAFLOW + ["--workers", "0", "--", "x"],
+    DATAFLOW + ["--", "x"],  # the package does not exist
+])
+def test_dataflow_usage_errors(env, args):
+    proc = run("beam_dataflow.sh", *args, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("beam_dataflow.sh: error:")
+
+
 # --- all scripts --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu.sh", "local.sh"])
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu.sh", "local.sh", "beam_dataflow.sh"])
 def test_help(env, script):
     proc = run(script, "--help", env=env)
     assert proc.returncode == 0
     assert proc.stdout.startswith(f"Usage: {script}")
 
 
-@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu.sh", "local.sh"])
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu.sh", "local.sh", "beam_dataflow.sh"])
 def test_scripts_are_executable(script):
     assert os.access(LAUNCH / script, os.X_OK)
