@@ -62,7 +62,7 @@ def _stream(server, path, body):
 
 def test_completions_match_the_python_api(server, generator):
     status, body = _post(server, "/v1/completions", {"model": "tiny", "prompt": "The king said", "max_tokens": 6,
-                                                     "temperature": 0})
+                                                     "temperature": 0, "stop": None, "n": None, "top_p": None})
     [expected] = generator.generate(["The king said"], generator.params(strategy="greedy", max_new_tokens=6))
     assert status == 200 and body["object"] == "text_completion" and body["model"] == "tiny"
     assert body["choices"][0]["text"] == expected.text

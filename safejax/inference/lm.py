@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from safejax import parallel
@@ -92,13 +93,13 @@ def commit(cache, index, choice: jax.Array):
     return jax.tree.map(move, cache)
 
 
-def left_pad(prompts: list[list[int]], length: int, pad_id: int) -> tuple[jax.Array, jax.Array]:
+def left_pad(prompts: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Token matrix (b, length) with each prompt right-aligned, and each row's padding."""
-    rows, pads = [], []
-    for p in prompts:
-        rows.append([pad_id] * (length - len(p)) + list(p))
-        pads.append(length - len(p))
-    return jnp.asarray(rows, jnp.int32), jnp.asarray(pads, jnp.int32)
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    pads = np.asarray([length - len(p) for p in prompts], np.int32)
+    for row, (p, pad) in enumerate(zip(prompts, pads)):
+        tokens[row, pad:] = p
+    return tokens, pads
 
 
 def prefill(lm: CachedLM, params, tokens: jax.Array, pad: jax.Array, cache_length: int):

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from safejax.inference import lm as lm_lib
 from safejax.inference.params import SamplingParams
@@ -77,10 +78,10 @@ class BeamSearcher:
         capacity = bucket(max(p.max_new_tokens for p in params), 16)
         tokens, pad = lm_lib.left_pad(list(prompts) + [[stop_ids[0]]] * (b - n), prompt_len, 0)
         rows = list(params) + [params[0]] * (b - n)
-        settings = {"max_new": jnp.asarray([p.max_new_tokens for p in rows], jnp.int32),
-                    "length_penalty": jnp.asarray([p.length_penalty for p in rows], jnp.float32),
-                    "drop_fraction": jnp.asarray([p.drop_fraction for p in rows], jnp.float32),
-                    "seed": jnp.asarray([p.seed % (1 << 32) for p in rows], jnp.uint32)}
+        settings = {"max_new": np.asarray([p.max_new_tokens for p in rows], np.int32),
+                    "length_penalty": np.asarray([p.length_penalty for p in rows], np.float32),
+                    "drop_fraction": np.asarray([p.drop_fraction for p in rows], np.float32),
+                    "seed": np.asarray([p.seed % (1 << 32) for p in rows], np.uint32)}
         best = jax.device_get(self._search(self.lm.params, tokens, pad, settings, static=static,
                                            cache_length=prompt_len + capacity + static.expansions,
                                            capacity=capacity))

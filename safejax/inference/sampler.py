@@ -116,9 +116,8 @@ class TokenSampler:
         rows = list(prompts) + [[stop_ids[0]]] * (b - n)  # filler rows, done from the start
         tokens, pad = lm_lib.left_pad(rows, prompt_len, 0)
         settings = _row_settings(params, b)
-        state = self._start(self.lm.params, tokens, pad, settings, static=static,
+        state = self._start(self.lm.params, tokens, pad, settings, np.arange(b) >= n, static=static,
                             cache_length=prompt_len + capacity + static.candidates, capacity=capacity)
-        state["done"] = state["done"].at[n:].set(True)
         stopped = np.zeros(b, bool)
         while True:
             state = self._advance(self.lm.params, state, settings, self.chunk_steps, static=static)
@@ -136,12 +135,12 @@ class TokenSampler:
 
     # ---- compiled ----
 
-    def _start_fn(self, params, tokens, pad, settings, *, static, cache_length, capacity):
+    def _start_fn(self, params, tokens, pad, settings, done, *, static, cache_length, capacity):
         logits, cache = lm_lib.prefill(self.lm, params, tokens, pad, cache_length)
         b = tokens.shape[0]
         return {"cache": cache, "logits": logits, "pad": pad, "index": jnp.int32(tokens.shape[1]),
                 "step": jnp.int32(0), "tokens": jnp.zeros((b, capacity), jnp.int32),
-                "done": jnp.zeros(b, bool), "keys": jax.vmap(jax.random.key)(settings["seed"])}
+                "done": done, "keys": jax.vmap(jax.random.key)(settings["seed"])}
 
     def _advance_fn(self, params, state, settings, steps, *, static):
         capacity = state["tokens"].shape[1]
@@ -161,10 +160,15 @@ class TokenSampler:
         keys, sub = split_keys(s["keys"])
         greedy = settings["temperature"] == 0
         logits = mask_tag(s["logits"], static.tag_id)
-        filtered = jnp.where(greedy[:, None], logits, filter_logits(
-            logits, settings["temperature"], settings["top_k"], settings["top_p"]))
+
+        def sampled():
+            filtered = jnp.where(greedy[:, None], logits, filter_logits(
+                logits, settings["temperature"], settings["top_k"], settings["top_p"]))
+            return filtered, jnp.where(greedy, jnp.argmax(logits, axis=-1), _categorical(sub, filtered))
+
+        # An all-greedy batch skips the sort and the random draw.
+        filtered, token = jax.lax.cond(jnp.all(greedy), lambda: (logits, jnp.argmax(logits, axis=-1)), sampled)
         if static.lookahead_tag is None:
-            token = jnp.where(greedy, jnp.argmax(logits, axis=-1), _categorical(sub, filtered))
             next_logits, cache = self.lm.forward(
                 params, token[:, None], lm_lib.positions(s["pad"], s["index"], 1), s["cache"],
                 s["index"], lm_lib.attend_mask(s["pad"], s["index"], 1, cache_length(s)))
@@ -207,15 +211,16 @@ def cache_length(state) -> int:
     return jax.tree.leaves(state["cache"])[0].shape[2]
 
 
-def _row_settings(params: Sequence[SamplingParams], b: int) -> dict[str, jax.Array]:
-    """Per-row arrays; filler rows repeat the first row's settings."""
+def _row_settings(params: Sequence[SamplingParams], b: int) -> dict[str, np.ndarray]:
+    """Per-row arrays (host numpy: no device work before the compiled call); filler rows repeat
+    the first row's settings."""
     rows = list(params) + [params[0]] * (b - len(params))
-    pick = lambda f, dtype: jnp.asarray([f(p) for p in rows], dtype)
-    return {"temperature": pick(lambda p: 0.0 if p.strategy == "greedy" else p.temperature, jnp.float32),
-            "top_k": pick(lambda p: p.top_k, jnp.int32), "top_p": pick(lambda p: p.top_p, jnp.float32),
-            "tag_threshold": pick(lambda p: p.tag_threshold, jnp.float32),
-            "max_new": pick(lambda p: p.max_new_tokens, jnp.int32),
-            "seed": pick(lambda p: p.seed % (1 << 32), jnp.uint32)}
+    pick = lambda f, dtype: np.asarray([f(p) for p in rows], dtype)  # noqa: E731
+    return {"temperature": pick(lambda p: 0.0 if p.strategy == "greedy" else p.temperature, np.float32),
+            "top_k": pick(lambda p: p.top_k, np.int32), "top_p": pick(lambda p: p.top_p, np.float32),
+            "tag_threshold": pick(lambda p: p.tag_threshold, np.float32),
+            "max_new": pick(lambda p: p.max_new_tokens, np.int32),
+            "seed": pick(lambda p: p.seed % (1 << 32), np.uint32)}
 
 
 def _until_stop(row: np.ndarray, stop_ids: tuple[int, ...], steps: int) -> list[int]:

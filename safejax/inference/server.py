@@ -146,12 +146,11 @@ class Server:
         unknown = sorted(set(body) - known)
         if unknown:
             raise HTTPError(400, f"unknown request field(s): {', '.join(unknown)}", unknown[0])
-        if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
+        if (body.get("n") or 1) != 1 or (body.get("best_of") or 1) != 1:
             raise HTTPError(400, "only n = 1 is supported", "n")
-        overrides = {RENAMED.get(k, k): v for k, v in body.items()
-                     if k in RENAMED or k in STEERING or k in ("temperature", "top_p", "seed", "stop")}
-        if overrides.get("stop") is None:
-            overrides.pop("stop", None)
+        # OpenAI clients send null for fields they leave unset: those keep the defaults.
+        overrides = {RENAMED.get(k, k): v for k, v in body.items() if v is not None and
+                     (k in RENAMED or k in STEERING or k in ("temperature", "top_p", "seed", "stop"))}
         if "strategy" not in overrides and "temperature" in overrides:
             overrides["strategy"] = "greedy" if overrides["temperature"] == 0 else "sample"
         stream = body.get("stream", False)
