@@ -6,7 +6,7 @@ import importlib
 
 from safejax import errors
 
-BENCHMARKS = {"train": "benchmarks.train", "sample": "benchmarks.sample"}
+BENCHMARKS = {"train": "benchmarks.train", "sample": "benchmarks.sample", "data": "benchmarks.data"}
 
 
 def run(name: str, argv: list[str]) -> int:

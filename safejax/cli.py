@@ -114,7 +114,18 @@ def cmd_data(args, bindings) -> int:
         print(json.dumps(stats.list_data(), indent=1))
         return 0
     if not args.name:
-        raise errors.UserError("data stats needs the NAME of a task or mixture (see `safejax data list`)")
+        raise errors.UserError(f"data {args.action} needs the NAME of a task or mixture (see `safejax data list`)")
+    if args.action == "cache":
+        import gin
+
+        from safejax.data import beam_cache
+
+        if not args.cache_dir:
+            raise errors.UserError("data cache needs --cache_dir")
+        quarantine.QUARANTINE.write_to(args.quarantine)
+        summary = beam_cache.run(args.name, args.cache_dir, gin.config_str(), args.passthrough)
+        print(json.dumps(summary))
+        return 0
     quarantine.QUARANTINE.write_to(args.quarantine)
     report = stats.stats(args.name, args.split, limit=args.max_documents)
     print(json.dumps(report, indent=1))
@@ -240,12 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="list, measure and show the safety data's seqio tasks and mixtures")
     _add_gin_args(data)
-    data.add_argument("action", choices=("list", "stats"))
+    data.add_argument("action", choices=("list", "stats", "cache"))
     data.add_argument("name", nargs="?", help="task or mixture (see `safejax data list`)")
     data.add_argument("--show", type=int, default=0, metavar="N", help="also decode N documents")
     data.add_argument("--split", default="train", choices=("train", "validation"))
     data.add_argument("--max_documents", type=int, help="measure only the first N documents of each task")
     data.add_argument("--quarantine", help="write the malformed records found to this JSONL file")
+    data.add_argument("--cache_dir", help="cache: where the Beam job writes the preprocessed tasks")
+    data.epilog = ("cache: Beam pipeline options go after --, e.g. -- --runner=DataflowRunner "
+                   "(see launch/beam_dataflow.sh); the default is the DirectRunner.")
     data.set_defaults(run=cmd_data)
 
     samp = sub.add_parser("sample", help="generate text from a checkpoint (greedy, sample, beam, safebeam)")
@@ -283,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         bindings, rest = config.split_gin_args(argv)
     except errors.UserError as e:
         parser.exit(2, f"safejax: error: {e}\n")
+    passthrough = []
+    if "--" in rest:  # what follows `--` is for another program (Beam's pipeline options)
+        rest, passthrough = rest[: rest.index("--")], rest[rest.index("--") + 1:]
     args = parser.parse_args(rest)
+    args.passthrough = passthrough
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:

@@ -137,7 +137,7 @@ def test_tagged_and_untagged_documents_tokenize_the_same(safety):
 
 def test_a_document_without_a_score_is_an_error_or_skipped_and_counted(tmp_path, safety):
     files = fx.make(str(tmp_path), documents=60, unscored=3)
-    safety("DataConfig.eval_batches = 0", "safety_mixture.name = 'ablation_score0'", "SEQ_LEN = 32",
+    safety("DataConfig.eval_batches = 0", "safety_mixture.name = 'ablation_score0'", "DataConfig.seq_len = 32",
            files=files)
     with pytest.raises(errors.UserError, match="has no score"):
         next(pipeline.train_batches(pipeline.DataConfig()))
@@ -179,7 +179,7 @@ def test_a_mixture_without_its_inputs_is_a_clear_error(safety):
 
 
 def test_loss_on_tag_switch_zeroes_the_weights_of_tag_targets(safety):
-    base = ("safety_mixture.name = 'ablation_tags'", "SEQ_LEN = 64", "DataConfig.global_batch_size = 8",
+    base = ("safety_mixture.name = 'ablation_tags'", "DataConfig.seq_len = 64", "DataConfig.global_batch_size = 8",
             "safety_data.tag_rate = 0.3")
     safety(*base)
     with_loss = next(pipeline.train_batches(pipeline.DataConfig()))
@@ -206,7 +206,7 @@ def test_two_hosts_get_disjoint_documents_that_cover_the_task(safety):
 
 
 def test_mixture_batches_are_deterministic_and_resume_exactly(safety):
-    safety("safety_mixture.name = 'ablation_full'", "SEQ_LEN = 64", "DataConfig.global_batch_size = 4")
+    safety("safety_mixture.name = 'ablation_full'", "DataConfig.seq_len = 64", "DataConfig.global_batch_size = 4")
     cfg = pipeline.DataConfig()
     first = [b for _, b in zip(range(5), pipeline.train_batches(cfg))]
     resumed = [b for _, b in zip(range(2), pipeline.train_batches(cfg, start=3))]
@@ -236,3 +236,27 @@ def test_data_cli_lists_and_measures(safety, data_files, capsys):
     assert set(report["shares"]) == {"score_0", "rephrased", "score_1_3_tagged", "score_4_5_tagged"}
     assert cli.main(["data", "stats", "no_such_task"]) == 2
     assert "not registered" in capsys.readouterr().err
+
+
+def test_beam_cache_job_on_the_direct_runner_gives_the_same_documents(safety, tmp_path):
+    import gin
+
+    from safejax.data import beam_cache
+
+    cache = str(tmp_path / "cache")
+    summary = beam_cache.run("score_4_5_tagged", cache, gin.config_str())
+    assert summary["cached"] == ["score_4_5_tagged"]
+    assert summary["quarantined"] == {reason: 1 for reason in fx.BAD_LINES.values()}
+    for name in summary["cached"]:
+        assert os.path.exists(os.path.join(cache, name, "COMPLETED"))
+        seqio.utils.set_global_cache_dirs([cache])
+        task = seqio.get_mixture_or_task(name)
+        fresh = {d["id"]: d["targets"].tolist() for d in _documents(name)}
+        source = task._get_cached_source("train")  # noqa: SLF001 (seqio's reader of its cache format)
+        from_cache = {d["id"]: d["targets"].tolist()
+                      for d in source.get_dataset("train", shuffle=False).as_numpy_iterator()}
+        assert from_cache == fresh
+    safety("safety_mixture.name = 'score_4_5_tagged'", "DataConfig.seq_len = 64", "DataConfig.use_cached = True",
+           f"DataConfig.cache_dirs = ({cache!r},)", "DataConfig.global_batch_size = 4")
+    batch = next(pipeline.train_batches(pipeline.DataConfig()))
+    assert batch["targets"].shape == (4, 64) and batch["weights"].sum() > 0

@@ -34,6 +34,7 @@ class DataConfig:
     eval_batches: int = 4  # held-out batches per evaluation (0 turns evaluation off)
     loss_on_tag: bool = True  # train on predicting the harm tag (Safe Beam Search reads it)
     use_cached: bool = False  # read the Beam job's cache (data/beam_cache.py) instead of the source
+    cache_dirs: tuple[str, ...] = ()  # where `safejax data cache` wrote it
 
 
 def _local_batch_size(cfg: DataConfig) -> int:
@@ -48,6 +49,10 @@ def _dataset(cfg: DataConfig, split: str, *, train: bool) -> tf.data.Dataset:
     """Shuffled (with the fixed seed) in both cases: held-out batches then mix every source."""
     if cfg.task not in {*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()}:
         raise errors.UserError(f"DataConfig.task {cfg.task!r} is not a registered task or mixture")
+    if cfg.use_cached:
+        if not cfg.cache_dirs:
+            raise errors.UserError("DataConfig.use_cached needs DataConfig.cache_dirs (see `safejax data cache`)")
+        seqio.utils.set_global_cache_dirs(list(cfg.cache_dirs))
     shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
     return seqio.get_dataset(
         cfg.task, {"targets": cfg.seq_len}, seqio.DecoderFeatureConverter(pack=cfg.pack),

@@ -3,7 +3,7 @@
 A Task chains them over records {"id", "text", "json"} from a source (data/sources.py):
 
     mark_kind -> [join_scores -> keep_scores] -> text_to_targets -> tokenize -> [tag]
-      -> CacheDatasetPlaceholder -> split_into_chunks
+      -> drop_raw_text -> CacheDatasetPlaceholder -> split_into_chunks
 
 Everything before the placeholder works per document (and is what the Beam job caches and what
 `safejax data stats` measures); chunking to the sequence length comes after.
@@ -34,6 +34,11 @@ def mark_kind(kind: str):
 def text_to_targets(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """The text becomes the `targets` feature (what seqio tokenizes); the rest is kept."""
     return dataset.map(lambda ex: {**ex, "targets": ex["text"]})
+
+
+def drop_raw_text(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Drops the raw text and record before the cache point: only tokens and labels are cached."""
+    return dataset.map(lambda ex: {k: v for k, v in ex.items() if k not in ("text", "json")})
 
 
 def join_scores(score_files: tuple[str, ...], task: str, on_missing: str = "error"):

@@ -1,8 +1,8 @@
 """Corpus readers as seqio DataSources: JSONL(.gz), TFRecord and TFDS, all yielding one shape.
 
-Every source yields {"id", "text", "json"}: the document id (score shards join on it), its text,
-and the whole record as JSON so that later preprocessors can read extra fields (dialogue turns,
-provenance). Malformed records go to the quarantine (data/quarantine.py) with their file and line
+Every source yields {"id", "text", "json"}: the document id (score shards join on it; FILE:LINE
+when the record has none), its text, and the whole record as JSON, as read, so that later
+preprocessors can read extra fields (dialogue turns, provenance). Malformed records go to the quarantine (data/quarantine.py) with their file and line
 and the run goes on.
 
 A held-out split is carved out of the same files by hashing each document id, so the split is
@@ -16,8 +16,9 @@ import glob
 import gzip
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -120,19 +121,33 @@ def iter_texts(files: Sequence[str]) -> Iterator[str]:
     return (record["text"] for record in iter_records(files))
 
 
-def _as_example(record: dict | None) -> tuple:
+PARSE_BATCH = 256  # records parsed per call into Python: the per-call cost, not JSON, dominated
+
+
+def _as_example(record: dict | None, record_json: bytes | None = None) -> tuple:
     if record is None:
         return False, b"", b"", b""
-    return (True, str(record["id"]).encode(), record.get("text", "").encode(),
-            json.dumps(record, ensure_ascii=False).encode())
+    if record_json is None:
+        record_json = json.dumps(record, ensure_ascii=False).encode()
+    return True, str(record["id"]).encode(), record.get("text", "").encode(), record_json
 
 
-def _to_features(parse_fn, *args) -> tf.data.Dataset:
-    ok, doc_id, text, record = tf.numpy_function(
-        parse_fn, list(args), [tf.bool, tf.string, tf.string, tf.string], stateful=False)
-    for t in (ok, doc_id, text, record):
-        t.set_shape([])
-    return {"ok": ok, "id": doc_id, "text": text, "json": record}
+def _parsed(parse_one, batch: tf.data.Dataset) -> tf.data.Dataset:
+    """Maps `parse_one(*scalars) -> (ok, id, text, json)` over batches of records in one Python
+    call per batch, then unbatches."""
+
+    def parse_batch(*columns):
+        rows = [parse_one(*args) for args in zip(*columns)]
+        return tuple(np.array([row[i] for row in rows], dtype=object if i else bool) for i in range(4))
+
+    def to_features(*columns):
+        ok, doc_id, text, record = tf.numpy_function(
+            parse_batch, list(columns), [tf.bool, tf.string, tf.string, tf.string], stateful=False)
+        for t in (ok, doc_id, text, record):
+            t.set_shape([None])
+        return {"ok": ok, "id": doc_id, "text": text, "json": record}
+
+    return batch.map(to_features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
 
 
 def _valid_only(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -160,23 +175,30 @@ def _check_split_args(validation_permille: int, kind: str) -> None:
 
 class JsonlDataSource(_HashSplitMixin, seqio.FileDataSource):
     """JSONL or JSONL.gz files: one JSON object a line with `text` (or `turns`), `id` and any
-    extra fields, which travel along in the `json` feature."""
+    extra fields, which travel along in the `json` feature.
 
-    def __init__(self, files: Sequence[str], validation_permille: int = 20, kind: str = "text"):
+    `line_filter` (raw line -> bool tensor) may drop lines before they are parsed: a cheap test
+    that must only drop lines a later step would drop anyway (see scores.line_prefilter).
+    """
+
+    def __init__(self, files: Sequence[str], validation_permille: int = 20, kind: str = "text",
+                 line_filter: Callable[[tf.Tensor], tf.Tensor] | None = None):
         _check_split_args(validation_permille, kind)
-        self._validation_permille = validation_permille
+        self._files, self._validation_permille, self._kind = list(files), validation_permille, kind
         compression = "GZIP" if all(f.endswith(".gz") for f in files) else ""
         if compression == "" and any(f.endswith(".gz") for f in files):
             raise errors.UserError("mix of gzip and plain JSONL files in one source; use one kind")
 
-        def parse(raw, path, line):
-            return _as_example(parse_json_line(raw, path.decode(), int(line), kind))
+        def parse(line, raw, path):
+            return _as_example(parse_json_line(raw, path.decode(), int(line), kind), raw)
 
         def read_file(path):
             lines = tf.data.TextLineDataset(path, compression_type=compression).enumerate(start=1)
             lines = lines.filter(lambda _, raw: tf.strings.length(tf.strings.strip(raw)) > 0)
-            return lines.map(lambda line, raw: _to_features(parse, raw, path, line),
-                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            if line_filter is not None:
+                lines = lines.filter(lambda _, raw: line_filter(raw))
+            lines = lines.map(lambda line, raw: (line, raw, path)).batch(PARSE_BATCH)
+            return _parsed(parse, lines)
 
         super().__init__(read_file_fn=read_file,
                          split_to_filepattern={"train": list(files), "validation": list(files)})
@@ -187,6 +209,10 @@ class JsonlDataSource(_HashSplitMixin, seqio.FileDataSource):
 
     def list_shards(self, split: str) -> list[str]:
         return list(self._split_to_filepattern[split])
+
+    def with_line_filter(self, line_filter) -> JsonlDataSource:
+        """The same files and split, with lines pre-filtered."""
+        return JsonlDataSource(self._files, self._validation_permille, self._kind, line_filter)
 
 
 def _feature_value(feature: tf.train.Feature):
@@ -225,14 +251,13 @@ class TfrecordDataSource(_HashSplitMixin, seqio.FileDataSource):
         _check_split_args(validation_permille, "text")
         self._validation_permille = validation_permille
 
-        def parse(raw, path, index):
+        def parse(index, raw, path):
             return _as_example(parse_tfrecord_example(raw, path.decode(), int(index),
                                                       text_feature, id_feature))
 
         def read_file(path):
             records = tf.data.TFRecordDataset(path, compression_type=compression).enumerate()
-            return records.map(lambda index, raw: _to_features(parse, raw, path, index),
-                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            return _parsed(parse, records.map(lambda index, raw: (index, raw, path)).batch(PARSE_BATCH))
 
         super().__init__(read_file_fn=read_file,
                          split_to_filepattern={"train": list(files), "validation": list(files)})
@@ -303,11 +328,10 @@ class TfdsTextSource(_HashSplitMixin, seqio.DataSource):
                 return _as_example(None)
             return _as_example({"id": doc_id.decode(), "text": decoded})
 
-        def features(ex):
+        def columns(ex):
             doc_id = ex[id_feature] if id_feature else ex["tfds_id"]
             if doc_id.dtype != tf.string:
                 doc_id = tf.strings.as_string(doc_id)
-            return _to_features(parse, ex[text_feature], doc_id)
+            return ex[text_feature], doc_id
 
-        ds = ds.map(features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return self._split(_valid_only(ds), split)
+        return self._split(_valid_only(_parsed(parse, ds.map(columns).batch(PARSE_BATCH))), split)

@@ -58,7 +58,7 @@ def task_stats(task: seqio.Task, split: str = "train", seed: int = 42, limit: in
                 "tags": tf.reduce_sum(tf.cast(is_tag, tf.int64)),
                 "words": tf.reduce_sum(tf.cast(words, tf.int64)),
                 "score": example.get("score", tf.constant(-1, tf.int32)),
-                "tagged": example.get("tagged", tf.constant(False))}
+                "tagged": example.get("tagged", tf.constant(0, tf.int32))}
 
     totals = collections.Counter()
     scores = collections.Counter()

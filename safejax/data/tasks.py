@@ -31,6 +31,7 @@ import seqio
 from safejax import errors
 from safejax import vocab as vocab_lib
 from safejax.data import dialogue, sources
+from safejax.data import scores as scores_lib
 from safejax.data import preprocessors as pre
 from safejax.safety import tagging
 
@@ -87,7 +88,8 @@ def _register(name: str, source: seqio.DataSource, vocabulary, document_steps: l
     seqio.TaskRegistry.add(
         name,
         source=source,
-        preprocessors=[*document_steps, seqio.CacheDatasetPlaceholder(), pre.split_into_chunks],
+        preprocessors=[*document_steps, pre.drop_raw_text, seqio.CacheDatasetPlaceholder(),
+                       pre.split_into_chunks],
         output_features={"targets": seqio.Feature(vocabulary, add_eos=False)},
         shuffle_buffer_size=shuffle_buffer_size,
     )
@@ -147,10 +149,14 @@ def safety_data(corpus: seqio.DataSource | None = None,
     if scores:
         join = pre.join_scores(tuple(sources.expand_files(scores)), prefix + "scored", on_missing_score)
         task("raw_tagged", corpus, [join, *text_steps, tag])
+        score_files = tuple(sources.expand_files(scores))
         for kind, (low, high) in {"score_0": (0, 0), "score_1_3": (1, 3), "score_4_5": (4, 5)}.items():
-            task(kind, corpus, [join, pre.keep_scores(low, high), *text_steps])
+            source = corpus
+            if isinstance(corpus, sources.JsonlDataSource):
+                source = corpus.with_line_filter(scores_lib.line_prefilter(score_files, low, high))
+            task(kind, source, [join, pre.keep_scores(low, high), *text_steps])
             if low > 0:
-                task(kind + "_tagged", corpus, [join, pre.keep_scores(low, high), *text_steps, tag])
+                task(kind + "_tagged", source, [join, pre.keep_scores(low, high), *text_steps, tag])
     else:
         for kind in ("raw_tagged", "score_0", "score_1_3", "score_4_5", "score_1_3_tagged",
                      "score_4_5_tagged"):

@@ -87,7 +87,7 @@ def tag_preprocessor(rate: float = 0.05, score_range: tuple[int, int] | None = N
                 eligible = (example["score"] >= score_range[0]) & (example["score"] <= score_range[1])
             tagged = tf.cond(eligible, lambda: insert_tags(
                 tokens, document_seed(example["id"], seed), rate, tag_id, classes), lambda: tokens)
-            return {**example, feature: tagged, "tagged": eligible}
+            return {**example, feature: tagged, "tagged": tf.cast(eligible, tf.int32)}
 
         return dataset.map(tag, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
