@@ -8,12 +8,18 @@ model declares:
 
 `step` counts batches consumed (it is also the data position); a step whose loss or gradient is
 not finite consumes its batch but leaves params and optimizer untouched.
+
+An objective may declare a partial warm-up (the classifier's head-only phase): `partial_steps`
+(int) and `partial_trainable(path) -> bool`. For steps 1..partial_steps only those parameters
+are differentiated and updated; the others get no gradient computed (so no backward pass through
+a frozen encoder) and keep their values exactly.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import signal
 import time
@@ -25,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tqdm
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from safejax import errors, hardware, parallel
@@ -95,12 +101,23 @@ class Trainer:
              "step": jax.ShapeDtypeStruct((), jnp.int32),
              "nonfinite_steps": jax.ShapeDtypeStruct((), jnp.int32)},
             self.state_shardings)
-        self._batch_sharding = parallel.sharding_for(("batch", "length"), rules, mesh)
+        # Per feature: (batch, length...) by its rank, so per-example scalars (labels) work too.
+        self._batch_sharding = {
+            name: parallel.sharding_for(("batch",) + ("length",) * len(shape), rules, mesh)
+            for name, (shape, _) in objective.batch_features().items()}
+
+        self.partial_steps = int(getattr(objective, "partial_steps", 0))
+        self._trainable = ({path: bool(objective.partial_trainable(path))
+                            for path in traverse_util.flatten_dict(param_shapes)}
+                           if self.partial_steps else None)
 
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-        self._compiled_step = None
-        self._train_step = jax.jit(self._step, in_shardings=(self.state_shardings, self._batch_sharding),
-                                   out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+        self._compiled_steps = {}
+        self._train_steps = {
+            partial: jax.jit(functools.partial(self._step, partial=partial),
+                             in_shardings=(self.state_shardings, self._batch_sharding),
+                             out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+            for partial in ((False, True) if self.partial_steps else (False,))}
         self._eval_step = jax.jit(self._eval, in_shardings=(param_shardings, self._batch_sharding),
                                   out_shardings=replicated)
 
@@ -124,9 +141,24 @@ class Trainer:
         with parallel.using(self.mesh, self.rules):
             return self.objective.loss(nnx.merge(self.graphdef, params), batch)
 
-    def _gradients(self, params, batch):
+    def _partial_grad_fn(self, params, batch):
+        """Like value_and_grad(_loss_sums) but differentiating only the trainable parameters;
+        the frozen ones get zero gradients without a backward pass through them."""
+        flat = traverse_util.flatten_dict(params)
+        frozen = {k: v for k, v in flat.items() if not self._trainable[k]}
+        trainable = {k: v for k, v in flat.items() if self._trainable[k]}
+
+        def loss(trainable, batch):
+            return self._loss_sums(traverse_util.unflatten_dict({**frozen, **trainable}), batch)
+
+        value, grads = jax.value_and_grad(loss, has_aux=True)(trainable, batch)
+        zeros = {k: jnp.zeros_like(v) for k, v in frozen.items()}
+        return value, traverse_util.unflatten_dict({**zeros, **grads})
+
+    def _gradients(self, params, batch, partial=False):
         """Mean loss and gradient over the batch, accumulated over microbatches if configured."""
-        grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
+        grad_fn = (self._partial_grad_fn if partial
+                   else jax.value_and_grad(self._loss_sums, has_aux=True))
         n = self.cfg.microbatches
         if n == 1:
             (loss_sum, weight), grads = grad_fn(params, batch)
@@ -145,14 +177,18 @@ class Trainer:
         weight = jnp.maximum(weight, 1.0)
         return loss_sum / weight, jax.tree.map(lambda g: g / weight, grads)
 
-    def _step(self, state, batch):
+    def _step(self, state, batch, partial=False):
         params, opt_state = state["params"], state["opt_state"]
-        loss, grads = self._gradients(params, batch)
+        loss, grads = self._gradients(params, batch, partial)
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply(params, opt_state):
             updates, opt_state = self.tx.update(grads, opt_state, params)
+            if partial:  # weight decay would otherwise still move the frozen parameters
+                flat = traverse_util.flatten_dict(updates)
+                updates = traverse_util.unflatten_dict(
+                    {k: u if self._trainable[k] else jnp.zeros_like(u) for k, u in flat.items()})
             return optax.apply_updates(params, updates), opt_state
 
         # A non-finite step leaves params and optimizer state exactly as they were.
@@ -190,17 +226,24 @@ class Trainer:
         logging.info("resumed from step %d in %s", step, checkpointer.directory)
         return state
 
-    def compile(self) -> None:
-        """Compiles the train step ahead of time (while the input pipeline warms up)."""
-        batch = {name: jax.ShapeDtypeStruct((self.global_batch_size, *shape), dtype, sharding=self._batch_sharding)
+    def compile(self, start_step: int = 0) -> None:
+        """Compiles the train step(s) still needed after `start_step` ahead of time (while the
+        input pipeline warms up)."""
+        batch = {name: jax.ShapeDtypeStruct((self.global_batch_size, *shape), dtype,
+                                            sharding=self._batch_sharding[name])
                  for name, (shape, dtype) in self.objective.batch_features().items()}
-        self._compiled_step = self._train_step.lower(self.abstract_state, batch).compile()
+        needed = ([True] if start_step < self.partial_steps else []) + \
+                 ([False] if self.cfg.steps > self.partial_steps else [])
+        for partial in needed:
+            self._compiled_steps[partial] = self._train_steps[partial].lower(self.abstract_state, batch).compile()
 
     def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return parallel.host_batch_to_global(host_batch, self.mesh, self.rules, self.global_batch_size)
 
-    def train_step(self, state, global_batch):
-        return (self._compiled_step or self._train_step)(state, global_batch)
+    def train_step(self, state, global_batch, step: int | None = None):
+        """One step; `step` (1-based, the step being taken) selects the partial warm-up step."""
+        partial = step is not None and step <= self.partial_steps
+        return self._compiled_steps.get(partial, self._train_steps[partial])(state, global_batch)
 
     def evaluate(self, params, host_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
         totals = np.zeros(2)
@@ -257,8 +300,8 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
     eval_loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eval_batches")
     eval_future = eval_loader.submit(load_eval_batches)
     state = trainer.load_state(checkpointer, resume_step)
-    trainer.compile()
     start = int(_scalar(state["step"]))
+    trainer.compile(start)
     writer = MetricsWriter(workdir)
     peak = hardware.total_peak_flops(cfg.peak_flops_per_device)
     examples = trainer.global_batch_size
@@ -301,7 +344,7 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
 
     try:
         for step in range(start + 1, cfg.steps + 1):
-            state, device_metrics = trainer.train_step(state, trainer.global_batch(next(batches)))
+            state, device_metrics = trainer.train_step(state, trainer.global_batch(next(batches)), step)
             if pending:
                 report(*pending)
             pending = (step, device_metrics)

@@ -1,0 +1,168 @@
+"""The safety classifier: a pretrained encoder, mean pooling, and a linear head over the 6 rubric
+scores (a multiclass head, not a regression, as in PAPER.md §1).
+
+`Scorer` turns an exported classifier (DIR/model, written by `safejax classifier-train`) into a
+jit-compiled function from a batch of texts to probabilities over the 6 scores; `safejax score`
+and the evaluation use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from safejax import errors, parallel
+from safejax.models import encoder as enc
+from safejax.models.layers import make_param
+from safejax.parallel import constrain
+
+NUM_CLASSES = 6
+EXPORT_CONFIG = "classifier.json"
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    encoder: enc.EncoderConfig = enc.EncoderConfig()
+    seq_len: int = 128  # tokens per text (the tokenizer truncates longer ones)
+    num_classes: int = NUM_CLASSES
+    pretrained: bool = True  # start from the encoder's pretrained weights (False: random, tests)
+
+    def __post_init__(self):
+        if not 0 < self.seq_len <= self.encoder.max_positions:
+            raise errors.UserError(f"ClassifierConfig.seq_len={self.seq_len} must be in 1.."
+                                   f"{self.encoder.max_positions} (the encoder's positions)")
+
+    def shape_dict(self) -> dict:
+        return {**self.encoder.shape_dict(), "num_classes": self.num_classes}
+
+
+class SafetyClassifier(nnx.Module):
+    def __init__(self, cfg: ClassifierConfig, *, rngs: nnx.Rngs):
+        self.encoder = enc.Encoder(cfg.encoder, rngs=rngs)
+        if cfg.pretrained:
+            enc.load_pretrained(self.encoder)
+        d = cfg.encoder.d_model
+        self.head_w = make_param(rngs, nnx.initializers.normal(stddev=d**-0.5), (d, cfg.num_classes),
+                                 ("embed", "classes"), jnp.float32)
+        self.head_b = make_param(rngs, nnx.initializers.zeros, (cfg.num_classes,), ("classes",), jnp.float32)
+        self.cfg = cfg
+
+    def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        """(batch, length) token ids and mask -> (batch, num_classes) float32 logits."""
+        pooled = self.encoder.pool(tokens, mask)
+        logits = pooled @ self.head_w[...] + self.head_b[...]
+        return constrain(logits, ("batch", "classes"))
+
+
+def is_head(path: tuple) -> bool:
+    """The head's parameters (trained alone during the warm-up)."""
+    return path[0] in ("head_w", "head_b")
+
+
+# ---- export and scoring ----
+
+def export(params: dict, cfg: ClassifierConfig, directory: str) -> str:
+    """Writes a self-contained classifier: params (orbax), its config and the tokenizer."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    os.makedirs(directory)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(directory, "params"), params)
+    shutil.copy(os.path.join(enc.weights_dir(cfg.encoder), "tokenizer.json"), directory)
+    record = {"encoder": dataclasses.asdict(cfg.encoder), "seq_len": cfg.seq_len,
+              "num_classes": cfg.num_classes}
+    record["encoder"]["weights_dir"] = directory  # the tokenizer now lives beside the params
+    with open(os.path.join(directory, EXPORT_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    return directory
+
+
+def read_export_config(directory: str) -> ClassifierConfig:
+    path = os.path.join(directory, EXPORT_CONFIG)
+    if not os.path.isfile(path):
+        raise errors.UserError(f"{directory} is not an exported classifier (no {EXPORT_CONFIG}); "
+                               f"pass the model/ folder that safejax classifier-train writes")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        encoder = enc.EncoderConfig(**{**record["encoder"], "weights_dir": os.path.abspath(directory)})
+        return ClassifierConfig(encoder=encoder, seq_len=record["seq_len"],
+                                num_classes=record["num_classes"], pretrained=False)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise errors.UserError(f"{path}: not a classifier config ({' '.join(str(e).split())})") from e
+
+
+class Scorer:
+    """Probabilities over the 6 scores for batches of texts, from an exported classifier.
+
+    Batches are padded to `batch_size` rows (one compilation) and sharded over every device of
+    the mesh's batch axes; parameters are replicated (the encoder is small).
+    """
+
+    def __init__(self, directory: str, *, batch_size: int = 32, mesh=None):
+        import orbax.checkpoint as ocp
+
+        self.cfg = read_export_config(directory)
+        self.tokenizer = enc.load_tokenizer(self.cfg.encoder, self.cfg.seq_len)
+        self.mesh = mesh or parallel.build_mesh(shape=(-1, 1, 1))
+        self.batch_size = batch_size
+        if batch_size % self.mesh.size:
+            raise errors.UserError(f"scoring batch {batch_size} is not divisible by the {self.mesh.size} devices")
+        abstract = nnx.eval_shape(lambda: SafetyClassifier(self.cfg, rngs=nnx.Rngs(0)))
+        self.graphdef, abstract_state = nnx.split(abstract)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                              abstract_state.to_pure_dict())
+        try:
+            with ocp.StandardCheckpointer() as ckpt:
+                self.params = ckpt.restore(os.path.join(os.path.abspath(directory), "params"), shapes)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise errors.UserError(f"cannot restore classifier params from {directory}: "
+                                   f"{' '.join(str(e).split())[:300]}") from e
+        self._batch = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
+        self._probs = jax.jit(self._forward, in_shardings=(replicated, self._batch, self._batch),
+                              out_shardings=replicated)
+
+    def _forward(self, params, tokens, mask):
+        model = nnx.merge(self.graphdef, params)
+        return jax.nn.softmax(model(tokens, mask), axis=-1)
+
+    def buckets(self) -> list[int]:
+        """Padded lengths: powers of two from 16, and seq_len (one compilation each)."""
+        sizes = [16]
+        while sizes[-1] * 2 < self.cfg.seq_len:
+            sizes.append(sizes[-1] * 2)
+        return [b for b in sizes if b < self.cfg.seq_len] + [self.cfg.seq_len]
+
+    def probs(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), num_classes) float32 probabilities.
+
+        Texts are sorted by token length and each batch padded only to the smallest bucket that
+        holds it, so short texts (most of them) cost a fraction of a full-length forward pass.
+        """
+        tokens, mask = enc.tokenize(self.tokenizer, list(texts), self.cfg.seq_len)
+        lengths = mask.sum(1)
+        order = np.argsort(lengths, kind="stable")
+        out = np.zeros((len(texts), self.cfg.num_classes), np.float32)
+        buckets = self.buckets()
+        for start in range(0, len(texts), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            width = next(b for b in buckets if b >= lengths[idx].max())
+            rows = np.zeros((self.batch_size, width), np.int32)
+            rows[:len(idx)] = tokens[idx, :width]
+            rows[len(idx):, 0] = tokens[idx[0], 0]  # filler rows: one real token, never all padding
+            out[idx] = np.asarray(self._probs(self.params, rows, (rows != 0).astype(np.int32)))[:len(idx)]
+        return out

@@ -1,0 +1,247 @@
+"""`safejax classifier-train`: the safety classifier trained by the same Trainer as the LM.
+
+The recipe of PAPER.md §1, every number in gin (configs/classifier/):
+  1. head-only warm-up (`head_epochs`, lr `head_lr`): the encoder is frozen, and no gradient is
+     computed through it (the Trainer's partial steps);
+  2. full finetuning (`finetune_epochs`, lr `lr`, weight decay via `adamw`);
+  3. the loss of an example scored above 0 is multiplied by λ (`positive_weight`), and every
+     example by its class weight (`class_weights`: 'balanced' = inverse frequency in the training
+     split, or six numbers).
+One batch size serves both phases (the Trainer has one global batch); the paper used 32 then 8.
+
+The data stream is a seeded permutation of the training split per epoch, so the step is the data
+position and a resumed run sees the batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from safejax import config, errors, parallel
+from safejax.models import encoder as enc
+from safejax.models.classifier import ClassifierConfig, SafetyClassifier, export, is_head
+from safejax.safety import labeled
+from safejax.train import optim
+from safejax.train.checkpoint import Checkpointer
+from safejax.train.trainer import TrainConfig, Trainer, fit
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierObjective:
+    """Weighted multiclass cross-entropy of the 6-way head; the trainer's objective protocol."""
+
+    model: ClassifierConfig
+    class_weights: tuple[float, ...]
+    positive_weight: float  # λ: loss multiplier of examples scored above 0
+    partial_steps: int = 0  # head-only warm-up steps
+
+    name = "classifier"
+
+    def create_model(self, rngs: nnx.Rngs) -> SafetyClassifier:
+        return SafetyClassifier(self.model, rngs=rngs)
+
+    def partial_trainable(self, path: tuple) -> bool:
+        return is_head(path)
+
+    def example_weights(self, labels: jax.Array, valid: jax.Array) -> jax.Array:
+        weights = jnp.asarray(self.class_weights, jnp.float32)[labels]
+        weights = weights * jnp.where(labels > 0, self.positive_weight, 1.0)
+        return weights * valid.astype(jnp.float32)
+
+    def loss(self, model: SafetyClassifier, batch: dict) -> tuple[jax.Array, jax.Array]:
+        logits = model(batch["tokens"], batch["mask"])
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(log_probs, batch["labels"][:, None], axis=-1)[:, 0]
+        weights = self.example_weights(batch["labels"], batch["valid"])
+        return (nll * weights).sum(), weights.sum()
+
+    def batch_features(self) -> dict:
+        length = (self.model.seq_len,)
+        return {"tokens": (length, jnp.int32), "mask": (length, jnp.int32),
+                "labels": ((), jnp.int32), "valid": ((), jnp.int32)}
+
+    def flops_per_example(self) -> float:
+        e, t = self.model.encoder, self.model.seq_len
+        per_layer = 4 * e.d_model**2 + 2 * e.d_model * e.mlp_dim
+        matmul = e.num_layers * per_layer + e.d_model * self.model.num_classes
+        return 6.0 * matmul * t + 12.0 * e.num_layers * e.d_model * t * t
+
+    def tokens_per_example(self) -> int:
+        return self.model.seq_len
+
+    def fingerprint(self) -> dict:
+        return {"objective": self.name, **self.model.shape_dict(), "seq_len": self.model.seq_len,
+                "partial_steps": self.partial_steps}
+
+    def describe(self) -> dict:
+        return {**self.fingerprint(), "class_weights": list(self.class_weights),
+                "positive_weight": self.positive_weight}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ClassifierTrainConfig:
+    batch_size: int = 32
+    head_epochs: float = 1.0
+    finetune_epochs: float = 1.0
+    head_lr: float = 1e-3
+    lr: float = 1e-5
+    lr_warmup_steps: int = 10  # of the finetuning phase (the encoder's Adam moments start at 0)
+    positive_weight: float = 1.0
+    class_weights: str | Sequence[float] = "balanced"
+    eval_examples: int = 512  # of the validation split, for the eval loss at the end of training
+    evaluate: bool = True  # run classifier-eval (model and baselines on the test split) at the end
+
+    def steps(self, examples: int) -> tuple[int, int]:
+        """(head-only steps, total steps) for a training split of `examples`."""
+        per_epoch = examples / self.batch_size
+        head = math.ceil(self.head_epochs * per_epoch)
+        return head, head + math.ceil(self.finetune_epochs * per_epoch)
+
+
+def class_weights(setting, labels: np.ndarray, num_classes: int) -> tuple[float, ...]:
+    """'balanced': n / (k * n_c) over the k classes present (absent classes get 1); or the list."""
+    if isinstance(setting, str):
+        if setting != "balanced":
+            raise errors.UserError(f"class_weights must be 'balanced' or {num_classes} numbers, got {setting!r}")
+        counts = np.bincount(labels, minlength=num_classes)
+        present = counts > 0
+        weights = np.where(present, len(labels) / (present.sum() * np.maximum(counts, 1)), 1.0)
+        return tuple(float(w) for w in weights)
+    if len(setting) != num_classes:
+        raise errors.UserError(f"class_weights needs {num_classes} numbers, got {len(setting)}")
+    return tuple(float(w) for w in setting)
+
+
+def schedule(cfg: ClassifierTrainConfig, head_steps: int) -> optax.Schedule:
+    """head_lr for the head-only steps, then a short warm-up to lr, then constant (the paper's)."""
+    finetune = optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, max(cfg.lr_warmup_steps, 1)), optax.constant_schedule(cfg.lr)],
+        [max(cfg.lr_warmup_steps, 1)])
+    return optax.join_schedules([optax.constant_schedule(cfg.head_lr), finetune], [head_steps])
+
+
+# ---- data ----
+
+@dataclasses.dataclass
+class Encoded:
+    """One split, tokenized once: (n, seq_len) tokens and mask, (n,) labels."""
+    examples: list[labeled.Example]
+    tokens: np.ndarray
+    mask: np.ndarray
+    labels: np.ndarray
+
+
+def encode(examples: list[labeled.Example], tokenizer, seq_len: int) -> Encoded:
+    tokens, mask = enc.tokenize(tokenizer, [e.text for e in examples], seq_len)
+    return Encoded(examples, tokens, mask, np.array([e.score for e in examples], np.int32))
+
+
+def _rows(data: Encoded, idx: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
+    return {"tokens": data.tokens[idx], "mask": data.mask[idx], "labels": data.labels[idx],
+            "valid": valid.astype(np.int32)}
+
+
+def train_batches(data: Encoded, batch_size: int, seed: int, position: int) -> Iterator[dict]:
+    """This process's rows of every global batch from `position` on: epoch e visits the split in
+    the order of a permutation seeded by (seed, e)."""
+    n = len(data.labels)
+    per_host = batch_size // jax.process_count()
+    host_offset = jax.process_index() * per_host
+    perms: dict[int, np.ndarray] = {}
+
+    def index(i: int) -> int:
+        epoch, k = divmod(i, n)
+        if epoch not in perms:
+            perms.clear()
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        return perms[epoch][k]
+
+    step = position
+    while True:
+        start = step * batch_size + host_offset
+        idx = np.array([index(i) for i in range(start, start + per_host)])
+        yield _rows(data, idx, np.ones(per_host, bool))
+        step += 1
+
+
+def eval_batches(data: Encoded, batch_size: int) -> list[dict]:
+    """The whole split once, the last batch padded with rows of weight 0."""
+    per_host = batch_size // jax.process_count()
+    host_offset = jax.process_index() * per_host
+    n = len(data.labels)
+    batches = []
+    for start in range(0, n, batch_size):
+        pos = np.arange(start + host_offset, start + host_offset + per_host)
+        batches.append(_rows(data, np.minimum(pos, n - 1), pos < n))
+    return batches
+
+
+# ---- the command ----
+
+def build(data_cfg: labeled.LabeledDataConfig, train_cfg: ClassifierTrainConfig, model: ClassifierConfig):
+    """Loads and tokenizes the data, builds the objective, optimizer and trainer."""
+    splits, loaded = labeled.load(data_cfg)
+    if not splits["train"]:
+        raise errors.UserError("the classifier's training split is empty (LabeledDataConfig)")
+    tokenizer = enc.load_tokenizer(model.encoder, model.seq_len)
+    train = encode(splits["train"], tokenizer, model.seq_len)
+    validation = splits["validation"]
+    if len(validation) > train_cfg.eval_examples:  # a seeded sample, every source represented
+        keep = np.random.default_rng(data_cfg.seed).choice(len(validation), train_cfg.eval_examples, replace=False)
+        validation = [validation[i] for i in sorted(keep)]
+    validation = encode(validation, tokenizer, model.seq_len)
+    head_steps, total_steps = train_cfg.steps(len(train.labels))
+    objective = ClassifierObjective(
+        model, class_weights(train_cfg.class_weights, train.labels, model.num_classes),
+        float(train_cfg.positive_weight), partial_steps=head_steps)
+    lr = schedule(train_cfg, head_steps)
+    trainer = Trainer(objective, optim.adamw(lr), TrainConfig(steps=total_steps),
+                      parallel.build_mesh(), parallel.logical_rules(), train_cfg.batch_size)
+    return trainer, train, validation, lr, loaded
+
+
+def train(workdir: str) -> dict:
+    """Trains (or resumes) in WORKDIR, exports WORKDIR/model, evaluates into WORKDIR/eval.json."""
+    from safejax.safety import classifier_eval
+
+    data_cfg, train_cfg, model = labeled.LabeledDataConfig(), ClassifierTrainConfig(), ClassifierConfig()
+    trainer, train_data, validation, lr, loaded = build(data_cfg, train_cfg, model)
+    if jax.process_index() == 0:
+        config.write_effective_config(workdir)
+        with open(os.path.join(workdir, "data.json"), "w", encoding="utf-8") as f:
+            json.dump({**loaded.counts(), "splits_used": {"train": len(train_data.labels),
+                                                          "validation": len(validation.labels)},
+                       "train_scores": dict(collections.Counter(map(int, train_data.labels)))}, f, indent=1)
+    logging.info("classifier %s on mesh %s", json.dumps(trainer.objective.describe()), dict(trainer.mesh.shape))
+    summary = fit(trainer, workdir,
+                  lambda position: train_batches(train_data, train_cfg.batch_size, trainer.cfg.seed, position),
+                  lambda: eval_batches(validation, train_cfg.batch_size), lr)
+    summary["head_steps"] = trainer.partial_steps
+    if summary["status"] != "completed":
+        return summary
+    model_dir = os.path.join(workdir, "model")
+    checkpointer = Checkpointer(workdir, asynchronous=False)
+    try:
+        state = trainer.load_state(checkpointer, checkpointer.latest_step())
+    finally:
+        checkpointer.close()
+    if jax.process_index() == 0:
+        export(jax.device_get(state["params"]), model, model_dir)
+        if train_cfg.evaluate:
+            summary["eval"] = classifier_eval.evaluate(workdir)["model"]
+    summary.update(workdir=os.path.abspath(workdir), model=os.path.abspath(model_dir))
+    return summary

@@ -1,0 +1,139 @@
+"""The safety classifier: objective weights, head-only warm-up, a short training run through the
+Trainer on the 8-device mesh with resume, the exported scorer, and the evaluation report.
+
+A small random encoder (pretrained=False) with the real MiniLM tokenizer keeps the runs short; the
+pretrained encoder itself is checked in test_encoder.py.
+"""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+from pretrained_files import minilm_dir  # noqa: F401 (fixture)
+
+from safejax import config, errors
+from safejax.models import encoder as enc
+from safejax.models.classifier import Scorer
+from safejax.safety import labeled
+from safejax.train import classify
+from safejax.train.checkpoint import Checkpointer
+
+SMALL = [
+    "EncoderConfig.d_model = 32", "EncoderConfig.num_layers = 2", "EncoderConfig.num_heads = 2",
+    "EncoderConfig.mlp_dim = 64", "ClassifierConfig.pretrained = False", "SEQ_LEN = 32", "BATCH_SIZE = 8",
+    "LabeledDataConfig.sources = ['toxigen', 'openai_moderation']",
+    "LabeledDataConfig.max_train_per_source_score = 12",  # 72 training examples: 9 steps an epoch
+    "ClassifierTrainConfig.head_epochs = 0.25", "ClassifierTrainConfig.finetune_epochs = 0.5",
+    "ClassifierTrainConfig.head_lr = 1e-2", "ClassifierTrainConfig.lr = 1e-3",
+    "ClassifierTrainConfig.lr_warmup_steps = 1", "ClassifierTrainConfig.positive_weight = 3.0",
+    "ClassifierTrainConfig.eval_examples = 16",
+    "TrainConfig.checkpoint_every = 2", "TrainConfig.progress_bar = False",
+    "TrainConfig.async_checkpoints = False",
+]
+
+
+def parse(*extra):
+    config.parse(["classifier/minilm.gin"], SMALL + list(extra))
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_example_weights_combine_class_weights_and_lambda():
+    labels = np.array([0, 0, 0, 3, 3, 5])
+    weights = classify.class_weights("balanced", labels, 6)
+    assert weights == (6 / 9, 1, 1, 1.0, 1, 2.0)  # n / (k n_c) over the 3 classes present
+    assert classify.class_weights([1, 2, 3, 4, 5, 6], labels, 6) == (1, 2, 3, 4, 5, 6)
+    with pytest.raises(errors.UserError):
+        classify.class_weights("inverse", labels, 6)
+    obj = classify.ClassifierObjective(classify.ClassifierConfig(), weights, positive_weight=10.0)
+    w = np.asarray(obj.example_weights(np.array([0, 3, 5, 5]), np.array([1, 1, 1, 0])))
+    np.testing.assert_allclose(w, [6 / 9, 10.0, 20.0, 0.0])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, minilm_dir):  # noqa: F811
+    """One uninterrupted run (3 head-only steps, then 5 full ones), evaluated at the end."""
+    workdir = str(tmp_path_factory.mktemp("classifier") / "full")
+    parse()
+    summary = classify.train(workdir)
+    assert summary["step"] == 8 and summary["head_steps"] == 3 and summary["status"] == "completed"
+    return workdir
+
+
+@pytest.mark.slow
+def test_resume_across_the_warmup_boundary_and_frozen_encoder(trained, tmp_path):
+    resumed = str(tmp_path / "resumed")
+    parse("ClassifierTrainConfig.finetune_epochs = 0", "ClassifierTrainConfig.evaluate = False")
+    assert classify.train(resumed)["step"] == 3  # stops after the head-only warm-up ...
+
+    trainer = classify.build(labeled.LabeledDataConfig(), classify.ClassifierTrainConfig(),
+                             classify.ClassifierConfig())[0]
+    checkpointer = Checkpointer(resumed, asynchronous=False)
+    warm = traverse_util.flatten_dict(jax.device_get(trainer.load_state(checkpointer, 3)["params"]))
+    checkpointer.close()
+    init = traverse_util.flatten_dict(jax.device_get(trainer.init_state()["params"]))
+    for path, value in warm.items():  # only the head moved; the encoder is exactly as initialised
+        assert np.array_equal(value, init[path]) != (path[0] in ("head_w", "head_b")), path
+
+    parse("ClassifierTrainConfig.evaluate = False")  # ... and the full config resumes there
+    again = classify.train(resumed)
+    assert again["start_step"] == 3 and again["step"] == 8
+    a, b = _losses(trained), _losses(resumed)
+    assert [a[s] for s in range(1, 9)] == pytest.approx([b[s] for s in range(1, 9)], rel=1e-5)
+    assert a[8] < a[1]
+
+
+@pytest.mark.slow
+def test_eval_report_schema(trained):
+    with open(os.path.join(trained, "eval.json")) as f:
+        report = json.load(f)
+    systems = [report["model"], report["baselines"]["profanity"], report["baselines"]["tfidf_lr"]]
+    for figures in systems:
+        assert {"f1", "r_at_1", "r_at_3", "p_at_1", "p_at_3"} <= set(figures)
+        assert 0 <= figures["f1"] <= 1 and 0 <= figures["r_at_1"] <= 1
+    n = report["split"]["n"]
+    assert n == sum(map(sum, report["confusion"]["model"])) == report["model"]["n"] > 100
+    assert set(report["per_source"]) == {"toxigen", "openai_moderation"}
+    assert sum(s["model"]["n"] for s in report["per_source"].values()) == n
+    assert report["paper"]["gte-base-en-v1.5"]["r_at_1"] == 0.775
+    assert "| profanity |" in open(os.path.join(trained, "eval.md")).read()
+
+
+@pytest.mark.slow
+def test_scorer_buckets_match_full_length(trained):
+    scorer = Scorer(os.path.join(trained, "model"), batch_size=8)
+    texts = ["a short one", "a somewhat longer sentence about gardening, cooking and the weather", ""]
+    probs = scorer.probs(texts)
+    assert probs.shape == (3, 6)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    tokens, mask = enc.tokenize(scorer.tokenizer, texts + ["x"] * 5, scorer.cfg.seq_len)
+    direct = np.asarray(scorer._probs(scorer.params, tokens, mask))[:3]
+    np.testing.assert_allclose(probs, direct, atol=1e-5)
+    with pytest.raises(errors.UserError, match="not an exported classifier"):
+        Scorer(os.path.dirname(trained))
+
+
+@pytest.mark.slow
+def test_cli_eval_and_its_errors(trained, tmp_path, capsys):
+    from safejax import cli
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(trained, workdir)
+    first = json.load(open(os.path.join(workdir, "eval.json")))
+    os.remove(os.path.join(workdir, "eval.json"))
+    assert cli.main(["classifier-eval", "--workdir", workdir]) == 0
+    assert "| tfidf_lr |" in capsys.readouterr().out
+    assert json.load(open(os.path.join(workdir, "eval.json")))["model"] == first["model"]
+
+    assert cli.main(["classifier-eval", "--workdir", str(tmp_path / "nothing")]) == 2
+    assert "has no config.gin" in capsys.readouterr().err
+    bindings = [f"--gin.{b.replace(' = ', '=')}" for b in SMALL]
+    assert cli.main(["classifier-train", "--workdir", workdir, *bindings, "--gin.EncoderConfig.mlp_dim=128"]) == 2
+    assert "incompatible model" in capsys.readouterr().err
