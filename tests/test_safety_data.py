@@ -260,3 +260,30 @@ def test_beam_cache_job_on_the_direct_runner_gives_the_same_documents(safety, tm
            f"DataConfig.cache_dirs = ({cache!r},)", "DataConfig.global_batch_size = 4")
     batch = next(pipeline.train_batches(pipeline.DataConfig()))
     assert batch["targets"].shape == (4, 64) and batch["weights"].sum() > 0
+
+
+@pytest.mark.parametrize("ablation", sorted(tasks.ABLATIONS))
+def test_every_ablation_config_names_its_mixture(ablation, data_files):
+    name = ablation.removeprefix("ablation_")
+    config.parse([f"ablations/{name}.gin"], fx.bindings(data_files))
+    import gin
+
+    assert gin.query_parameter("%MIXTURE") == ablation
+    assert pipeline.DataConfig().task == ablation  # registers the data and resolves the mixture
+
+
+@pytest.mark.slow
+def test_the_lm_trains_on_an_ablation_mixture_named_in_gin(data_files, tmp_path):
+    from conftest import FAST, TINY
+    from safejax.train import pretrain
+
+    config.parse([TINY, "data/safety.gin"], FAST + fx.bindings(data_files) + [
+        "MIXTURE = 'ablation_full'", "DataConfig.seq_len = 64", "TRAIN_STEPS = 3",
+        "CHECKPOINT_EVERY = 3", "safety_data.validation_permille = 300",
+        "corpus/jsonl_source.validation_permille = 300"])
+    summary = pretrain.train(str(tmp_path / "run"))
+    assert summary["quarantined"] == {reason: 1 for reason in fx.BAD_LINES.values()}
+    lines = open(tmp_path / "run" / "quarantine-0.jsonl").readlines()
+    assert len(lines) == len(fx.BAD_LINES)
+    metrics = [json.loads(line) for line in open(summary["metrics"])]
+    assert [m["step"] for m in metrics if "loss" in m][-1] == 3

@@ -194,9 +194,9 @@ class JsonlDataSource(_HashSplitMixin, seqio.FileDataSource):
 
         def read_file(path):
             lines = tf.data.TextLineDataset(path, compression_type=compression).enumerate(start=1)
-            lines = lines.filter(lambda _, raw: tf.strings.length(tf.strings.strip(raw)) > 0)
-            if line_filter is not None:
+            if line_filter is not None:  # first: it reads only the line's start
                 lines = lines.filter(lambda _, raw: line_filter(raw))
+            lines = lines.filter(lambda _, raw: tf.strings.regex_full_match(raw, r"\s*") == False)  # noqa: E712
             lines = lines.map(lambda line, raw: (line, raw, path)).batch(PARSE_BATCH)
             return _parsed(parse, lines)
 
