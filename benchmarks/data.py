@@ -1,6 +1,6 @@
 """Input-pipeline throughput (read, tokenize, pack into batches): raw corpus vs the safety mixture.
 
-    safejax bench data [--batches 60] [--seq_len 512] [--batch_size 16]
+    safejax bench data [--batches 200] [--seq_len 512] [--batch_size 16] [--rounds 2]
 
 Both run on the bundled corpus through the real seqio tasks and the trainer's batch iterator.
 `raw` is the plain corpus; `safety` is the full ablation mixture (score-0 text, rephrased,
@@ -75,17 +75,19 @@ def tokens_per_sec(batches: int, warmup: int) -> float:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="safejax bench data", description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as root:
         paths = stand_in_inputs(root)
-        results = {}
-        for name, task in (("raw", "ablation_raw"), ("safety", "ablation_full")):
-            config.parse(["data/safety.gin"], _bindings(paths, args.seq_len, args.batch_size, task))
-            results[name] = tokens_per_sec(args.batches, args.warmup)
+        results = {"raw": 0.0, "safety": 0.0}
+        for _ in range(args.rounds):  # alternating, best of each: a shared machine's noise hits both
+            for name, task in (("raw", "ablation_raw"), ("safety", "ablation_full")):
+                config.parse(["data/safety.gin"], _bindings(paths, args.seq_len, args.batch_size, task))
+                results[name] = max(results[name], tokens_per_sec(args.batches, args.warmup))
         config.parse(["data/safety.gin"], _bindings(paths, args.seq_len, args.batch_size, "ablation_raw")
                      + ["safety_data.tag_scores = (0, 5)"])
         tasks.safety_data()
@@ -98,5 +100,6 @@ def main(argv: list[str]) -> int:
         "tagged_documents": tagged["tagged_documents"], "tags": tagged["tags"],
         "tagged_words": tagged["tagged_words"], "quarantined": QUARANTINE.total(),
         "seq_len": args.seq_len, "batch_size": args.batch_size, "batches": args.batches,
+        "rounds": args.rounds,
         "cpus": os.cpu_count()}))
     return 0
