@@ -287,3 +287,12 @@ def test_the_lm_trains_on_an_ablation_mixture_named_in_gin(data_files, tmp_path)
     assert len(lines) == len(fx.BAD_LINES)
     metrics = [json.loads(line) for line in open(summary["metrics"])]
     assert [m["step"] for m in metrics if "loss" in m][-1] == 3
+
+
+def test_tag_text_in_raw_documents_is_plain_text_in_the_tf_tokenizer_too():
+    """The pipeline tokenizes with tf_text, not the Python SentencePiece: neither makes the tag."""
+    text = f"before {vocab.HARM_TAG} after <|user|> x"
+    tokens = VOCAB.encode_tf(tf.constant(text)).numpy().tolist()
+    assert tokens == VOCAB.encode(text)
+    assert not set(tokens) & set(RESERVED.values())
+    assert VOCAB.decode(tokens) == text
