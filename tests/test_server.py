@@ -5,6 +5,11 @@ mesh): the Python API, `safejax sample`, and the OpenAI-compatible server over H
 import dataclasses
 import http.client
 import json
+import os
+import select
+import signal
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -161,3 +166,23 @@ def test_cli_sample(capsys, workdir, tmp_path):
     assert "no config.gin" in capsys.readouterr().err
     with pytest.raises(errors.UserError, match="the prompt is empty"):
         Generator.check(None, type("R", (), {"prompt": []})())
+
+
+@pytest.mark.slow
+def test_cli_serve_as_users_run_it(workdir):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"}
+    proc = subprocess.Popen([sys.executable, "-m", "safejax.cli", "serve", f"--checkpoint={workdir}", "--port=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 300)
+        assert ready, "the server did not start"
+        started = json.loads(proc.stdout.readline())
+        assert started["url"].startswith("http://127.0.0.1:") and started["model"] == os.path.basename(workdir)
+        request = urllib.request.Request(started["url"] + "/v1/completions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"prompt": "Hello", "max_tokens": 3}).encode())
+        with urllib.request.urlopen(request, timeout=300) as response:
+            assert json.loads(response.read())["usage"]["completion_tokens"] <= 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130

@@ -34,15 +34,8 @@ import numpy as np
 
 from safejax.inference import lm as lm_lib
 from safejax.inference.params import SamplingParams
-from safejax.inference.sampler import (
-    NEG_INF,
-    Output,
-    batch_bucket,
-    bucket,
-    cache_length,
-    mask_tag,
-    split_keys,
-)
+from safejax.inference.sampler import (NEG_INF, Output, batch_bucket, bucket, cache_length, mask_tag, split_keys,
+                                       tag_probability)
 
 REASONS = ("stop", "length", "tag")
 
@@ -114,33 +107,10 @@ class BeamSearcher:
         if not static.allow_tag:
             logp = mask_tag(logp, static.tag_id)
         if static.expansions == 0:
-            # Candidates: the k best continuing extensions, and every beam's stop extension.
-            scores = s["alive_logp"][..., None] + logp.reshape(b, k, vocab)
-            stops = jnp.asarray(static.stop_ids)
-            cont_vals, idx = jax.lax.top_k(scores.at[..., stops].set(NEG_INF).reshape(b, k * vocab), k)
-            stop_vals = scores[..., stops].reshape(b, -1)
-            vals = jnp.concatenate([cont_vals, stop_vals], axis=1)
-            parent = jnp.concatenate([idx // vocab, jnp.repeat(jnp.arange(k), len(static.stop_ids))[None].repeat(b, 0)], 1)
-            token = jnp.concatenate([idx % vocab, jnp.tile(stops, k)[None].repeat(b, 0)], axis=1)
+            vals, parent, token = _beam_candidates(s["alive_logp"], logp.reshape(b, k, vocab), static.stop_ids)
             keep, choice = jnp.isfinite(vals), None
         else:
-            n = static.expansions
-            top_logp, top_tok = jax.lax.top_k(logp, n)  # (b*k, n)
-            lookahead, cache = self.lm.forward(
-                params, top_tok, lm_lib.positions(s["pad"], s["index"], n, tree=True), s["cache"], s["index"],
-                lm_lib.attend_mask(s["pad"], s["index"], n, cache_length(s), tree=True))
-            s = {**s, "cache": cache}
-            p_tag = jax.nn.softmax(lookahead, axis=-1)[..., static.tag_id].reshape(b, k * n)
-            vals = (s["alive_logp"][..., None] + top_logp.reshape(b, k, n)).reshape(b, k * n)
-            token = top_tok.reshape(b, k * n)
-            keys, sub = split_keys(s["keys"])
-            s = {**s, "keys": keys}
-            risk = jax.vmap(lambda key: jax.random.uniform(key, (k * n,)))(sub) if static.random_drop else p_tag
-            continues = jnp.isfinite(vals) & ~jnp.isin(token, jnp.asarray(static.stop_ids))
-            keep = jnp.isfinite(vals) & ~drop_riskiest(risk, continues, settings["drop_fraction"])
-            parent, choice = jnp.arange(k * n)[None] // n, jnp.arange(k * n)[None] % n
-            parent, choice = jnp.broadcast_to(parent, vals.shape), jnp.broadcast_to(choice, vals.shape)
-            lookahead = lookahead.reshape(b, k * n, vocab)
+            s, vals, parent, choice, token, keep, lookahead = self._safe_candidates(params, s, logp, settings, static)
         s, alive_pick = self._select(s, vals, parent, token, keep, settings, static)
         # Reorder the caches (and logits) to the new beams, then feed their last token.
         rows = (jnp.arange(b)[:, None] * k + jnp.take_along_axis(parent, alive_pick, axis=1)).reshape(-1)
@@ -155,6 +125,26 @@ class BeamSearcher:
             cache = lm_lib.commit(cache, s["index"], picked)
             logits = jnp.take_along_axis(lookahead, alive_pick[..., None], axis=1).reshape(b * k, vocab)
         return {**s, "cache": cache, "logits": logits, "index": s["index"] + 1, "step": s["step"] + 1}
+
+    def _safe_candidates(self, params, s, logp, settings, static):
+        """Safe Beam's candidates (b, k * N), their lookahead, and which of them survive the drop."""
+        b, k, _ = s["alive"].shape
+        n = static.expansions
+        top_logp, top_tok = jax.lax.top_k(logp, n)  # (b*k, n)
+        lookahead, cache = self.lm.forward(
+            params, top_tok, lm_lib.positions(s["pad"], s["index"], n, tree=True), s["cache"], s["index"],
+            lm_lib.attend_mask(s["pad"], s["index"], n, cache_length(s), tree=True))
+        p_tag = tag_probability(lookahead, static.tag_id).reshape(b, k * n)
+        vals = (s["alive_logp"][..., None] + top_logp.reshape(b, k, n)).reshape(b, k * n)
+        token = top_tok.reshape(b, k * n)
+        keys, sub = split_keys(s["keys"])
+        risk = jax.vmap(lambda key: jax.random.uniform(key, (k * n,)))(sub) if static.random_drop else p_tag
+        continues = jnp.isfinite(vals) & ~jnp.isin(token, jnp.asarray(static.stop_ids))
+        keep = jnp.isfinite(vals) & ~drop_riskiest(risk, continues, settings["drop_fraction"])
+        parent = jnp.broadcast_to(jnp.arange(k * n)[None] // n, vals.shape)
+        choice = jnp.broadcast_to(jnp.arange(k * n)[None] % n, vals.shape)
+        s = {**s, "cache": cache, "keys": keys}
+        return s, vals, parent, choice, token, keep, lookahead.reshape(b, k * n, -1)
 
     def _select(self, s, vals, parent, token, keep, settings, static):
         """Candidates (b, c) -> the best finished hypothesis and the k alive beams."""
@@ -200,6 +190,20 @@ class BeamSearcher:
         best = jax.tree.map(lambda new, old: jnp.where(take.reshape(-1, *[1] * (old.ndim - 1)), new, old),
                             candidate, s["best"])
         return {**s, "best": best, "done": s["done"] | hit}
+
+
+def _beam_candidates(alive_logp, logp, stop_ids):
+    """Beam search's candidates (b, k + k * stops): the k best continuing extensions of all
+    k x V, and every beam's stop extension (so no finished hypothesis is missed)."""
+    b, k, vocab = logp.shape
+    scores = alive_logp[..., None] + logp
+    stops = jnp.asarray(stop_ids)
+    cont_vals, idx = jax.lax.top_k(scores.at[..., stops].set(NEG_INF).reshape(b, k * vocab), k)
+    vals = jnp.concatenate([cont_vals, scores[..., stops].reshape(b, -1)], axis=1)
+    stop_parent = jnp.broadcast_to(jnp.repeat(jnp.arange(k), len(stop_ids))[None], (b, k * len(stop_ids)))
+    stop_token = jnp.broadcast_to(jnp.tile(stops, k)[None], (b, k * len(stop_ids)))
+    return (vals, jnp.concatenate([idx // vocab, stop_parent], axis=1),
+            jnp.concatenate([idx % vocab, stop_token], axis=1))
 
 
 def drop_riskiest(risk: jax.Array, droppable: jax.Array, fraction: jax.Array) -> jax.Array:

@@ -187,11 +187,16 @@ class TokenSampler:
         lookahead, cache = self.lm.forward(
             params, cand, lm_lib.positions(s["pad"], s["index"], m, tree=True), s["cache"], s["index"],
             lm_lib.attend_mask(s["pad"], s["index"], m, cache_length(s), tree=True))
-        p_tag = jax.nn.softmax(lookahead, axis=-1)[..., static.lookahead_tag]
+        p_tag = tag_probability(lookahead, static.lookahead_tag)
         cand_logit = tag_adjust(cand_logit, p_tag, settings["tag_threshold"], static.tag_filter)
         choice = jnp.where(greedy, jnp.argmax(cand_logit, axis=-1), _categorical(sub, cand_logit))
         rows = jnp.arange(cand.shape[0])
         return cand[rows, choice], lookahead[rows, choice], lm_lib.commit(cache, s["index"], choice)
+
+
+def tag_probability(logits: jax.Array, tag_id: int) -> jax.Array:
+    """The harm tag's probability under each row of logits, without a full softmax."""
+    return jnp.exp(logits[..., tag_id] - jax.nn.logsumexp(logits, axis=-1))
 
 
 def tag_adjust(cand_logit: jax.Array, p_tag: jax.Array, threshold: jax.Array, mode: str) -> jax.Array:
