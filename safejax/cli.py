@@ -104,6 +104,23 @@ def cmd_classifier_eval(args, bindings) -> int:
     return 0
 
 
+def cmd_score(args, bindings) -> int:
+    from safejax import parallel
+
+    parallel.initialize_distributed()
+    options = dict(batch_size=args.batch_size, overlap=args.overlap)
+    if args.beam:
+        from safejax.safety import scoring_beam
+
+        summary = scoring_beam.score_corpus(args.checkpoint, args.input, args.output, args.passthrough, **options)
+    else:
+        from safejax.safety import scoring
+
+        summary = scoring.score_corpus(args.checkpoint, args.input, args.output, **options)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_data(args, bindings) -> int:
     from safejax import config
     from safejax.data import quarantine, stats, tasks
@@ -248,6 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     ceval.add_argument("--workdir", required=True, help="a classifier-train workdir")
     ceval.add_argument("--split", choices=("test", "validation"), default="test")
     ceval.set_defaults(run=cmd_classifier_eval)
+
+    score = sub.add_parser("score", help="score a JSONL corpus 0-5 with the safety classifier into score "
+                                         "shards the data pipeline joins (resumable)")
+    score.add_argument("--checkpoint", required=True, help="a classifier-train workdir or its model/ folder")
+    score.add_argument("--input", nargs="+", required=True, help="JSONL(.gz) files or globs (id, text)")
+    score.add_argument("--output", required=True, help="directory for scores-*.jsonl.gz (one per input file)")
+    score.add_argument("--batch_size", type=int, default=64, help="windows per classifier call")
+    score.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive windows")
+    score.add_argument("--beam", action="store_true", help="run as an Apache Beam pipeline; its options "
+                                                          "go after -- (default DirectRunner)")
+    score.set_defaults(run=cmd_score)
 
     data = sub.add_parser("data", help="list, measure and show the safety data's seqio tasks and mixtures")
     _add_gin_args(data)
