@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
-# Run the safety-data caching job (`safejax data cache`) on Google Cloud Dataflow.
+# Run a safejax Beam job on Google Cloud Dataflow: corpus scoring or the safety-data cache.
 #
-# The job reads the raw corpus, score shards and synthetic records named in the gin config,
-# runs every per-document step of the chosen mixture's tasks (validation, score join, filters,
-# tokenization, harm tags, dialogue formatting) on the workers, and writes seqio's cache format
-# to --cache_dir (a gs:// path). Train on it with
-#   --gin.DataConfig.use_cached=True --gin.DataConfig.cache_dirs="('gs://.../cache',)"
-# The workers install safejax from --package (a wheel or sdist built with `pip wheel .` or
-# `python -m build`), so they run the same code and gin config as this machine.
+#   score --beam --checkpoint C --input gs://... --output gs://...
+#       scores the corpus with the safety classifier into score shards (each worker loads the
+#       model once and scores whole input files);
+#   data cache NAME --cache_dir gs://... [--gin_file ... --gin.X=Y]
+#       runs every per-document step of the mixture's tasks (validation, score join, filters,
+#       tokenization, harm tags, dialogue formatting) and writes seqio's cache format; train on it
+#       with --gin.DataConfig.use_cached=True --gin.DataConfig.cache_dirs="('gs://...',)".
+# The workers install safejax from --package (a wheel built with `pip wheel --no-deps -w dist .`),
+# so they run the same code and gin config as this machine.
 set -euo pipefail
 
 prog=${0##*/}
 
 usage() {
   cat <<USAGE
-Usage: $prog --project P --region R --bucket gs://B --package FILE [options] -- DATA_ARGS...
+Usage: $prog --project P --region R --bucket gs://B --package FILE [options] -- JOB...
 
-Run 'safejax data cache DATA_ARGS... --cache_dir gs://B/cache -- DATAFLOW_OPTIONS' from here;
-the pipeline itself runs on Dataflow workers.
+Run 'safejax JOB... -- DATAFLOW_OPTIONS' from here, where JOB is 'score --beam ...' or
+'data cache ...'; the pipeline itself runs on Dataflow workers.
 
 Required:
   --project P        Google Cloud project
   --region R         Dataflow region, e.g. us-central1
-  --bucket gs://B    bucket for the cache (gs://B/cache), staging and temp files
+  --bucket gs://B    bucket for Dataflow's staging and temp files
   --package FILE     safejax wheel or sdist the workers install (extra_package)
 
 Options:
@@ -37,10 +39,14 @@ Dataflow options passed to Beam (all documented by Apache Beam's PipelineOptions
   --staging_location=gs://B/staging --max_num_workers --worker_machine_type
   --extra_package --job_name --experiments=use_runner_v2
 
-Example:
+Examples:
   $prog --project my-proj --region us-central1 --bucket gs://my-bucket \\
-    --package dist/safejax-0.1.0-py3-none-any.whl -- \\
-    ablation_full --gin_file=configs/data/safety.gin --gin.SCORES="['gs://my-bucket/scores/*']"
+    --package dist/safejax-0.1.0-py3-none-any.whl -- score --beam \\
+    --checkpoint gs://my-bucket/classifier/model --input 'gs://my-bucket/corpus/*.jsonl.gz' \\
+    --output gs://my-bucket/scores
+  $prog --project my-proj --region us-central1 --bucket gs://my-bucket \\
+    --package dist/safejax-0.1.0-py3-none-any.whl -- data cache ablation_full \\
+    --cache_dir gs://my-bucket/cache --gin.SCORES="['gs://my-bucket/scores/*']"
 USAGE
 }
 
@@ -64,15 +70,19 @@ while (($#)); do
     *) die "unknown option $1 (data arguments go after --)" ;;
   esac
 done
-((saw_separator)) || die "missing -- before the data arguments (mixture name, gin flags)"
-(($#)) || die "no data arguments after -- (at least the mixture or task name)"
+((saw_separator)) || die "missing -- before the job (score --beam ... or data cache ...)"
+(($#)) || die "no job after -- (score --beam ... or data cache ...)"
+case "$1 ${2-}" in
+  "score "*|"data cache") ;;
+  *) die "the job must be 'score --beam ...' or 'data cache ...', got '$*'" ;;
+esac
 [[ -n $project ]] || die "--project is required"
 [[ -n $region ]] || die "--region is required"
 [[ $bucket == gs://* ]] || die "--bucket must be a gs:// path"
 [[ -n $package ]] || die "--package is required (build one with: pip wheel --no-deps -w dist .)"
 [[ $workers =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer"
 
-cmd=(safejax data cache "$@" --cache_dir "$bucket/cache" --
+cmd=(safejax "$@" --
      --runner=DataflowRunner "--project=$project" "--region=$region"
      "--temp_location=$bucket/tmp" "--staging_location=$bucket/staging"
      "--max_num_workers=$workers" "--worker_machine_type=$machine"

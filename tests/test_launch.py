@@ -337,37 +337,41 @@ def test_local_usage_errors(env, args):
 DATAFLOW = ["--project", "p", "--region", "us-central1", "--bucket", "gs://b/", "--package", "dist/s.whl"]
 
 
-def test_dataflow_dry_run_prints_the_cache_command_with_dataflow_options(env):
+@pytest.mark.parametrize("job", [
+    ["data", "cache", "ablation_full", "--cache_dir", "gs://b/cache", "--gin.SCORES=['gs://b/s/*']"],
+    ["score", "--beam", "--checkpoint", "gs://b/m", "--input", "gs://b/c/*", "--output", "gs://b/s"],
+])
+def test_dataflow_dry_run_prints_the_job_with_dataflow_options(env, job):
     proc = run("beam_dataflow.sh", *DATAFLOW, "--workers", "4", "--job", "j1", "--dry-run", "--",
-               "ablation_full", "--gin.SCORES=['gs://b/s/*']", env=env)
+               *job, env=env)
     assert proc.returncode == 0, proc.stderr
     words = shlex.split(proc.stdout)
-    assert words[:5] == ["safejax", "data", "cache", "ablation_full", "--gin.SCORES=['gs://b/s/*']"]
-    assert words[5:8] == ["--cache_dir", "gs://b/cache", "--"]
+    assert words[: len(job) + 2] == ["safejax", *job, "--"]
     for option in ("--runner=DataflowRunner", "--project=p", "--region=us-central1",
                    "--temp_location=gs://b/tmp", "--max_num_workers=4", "--extra_package=dist/s.whl",
                    "--job_name=j1"):
-        assert option in words[8:]
+        assert option in words[len(job) + 2:]
 
 
 def test_dataflow_runs_safejax_with_the_arguments_intact(env, tmp_path):
     package = tmp_path / "s.whl"
     package.write_text("")
     args = [a if a != "dist/s.whl" else str(package) for a in DATAFLOW]
-    proc = run("beam_dataflow.sh", *args, "--", *TRICKY_ARGS, env=env)
+    proc = run("beam_dataflow.sh", *args, "--", "data", "cache", *TRICKY_ARGS, env=env)
     assert proc.returncode == 0, proc.stderr
     recorded = (Path(env["FAKE_OUT"]) / "safejax.0.args").read_bytes().split(b"\0")[:-1]
-    assert [a.decode() for a in recorded[:2 + len(TRICKY_ARGS)]] == ["data", "cache", *TRICKY_ARGS]
+    assert [a.decode() for a in recorded[:3 + len(TRICKY_ARGS)]] == ["data", "cache", *TRICKY_ARGS, "--"]
 
 
 @pytest.mark.parametrize("args", [
-    ["--", "ablation_full"],  # no project
-    DATAFLOW[:6] + ["--", "x"],  # no package
-    ["--project", "p", "--region", "r", "--bucket", "b", "--package", "w", "--", "x"],  # not gs://
+    ["--", "data", "cache", "x"],  # no project
+    DATAFLOW[:6] + ["--", "data", "cache", "x"],  # no package
+    ["--project", "p", "--region", "r", "--bucket", "b", "--package", "w", "--", "data", "cache"],  # not gs://
     DATAFLOW,  # no --
     DATAFLOW + ["--"],  # nothing after --
-    DATAFLOW + ["--workers", "0", "--", "x"],
-    DATAFLOW + ["--", "x"],  # the package does not exist
+    DATAFLOW + ["--", "train", "--workdir", "x"],  # not a Beam job
+    DATAFLOW + ["--workers", "0", "--", "data", "cache", "x"],
+    DATAFLOW + ["--", "data", "cache", "x"],  # the package does not exist
 ])
 def test_dataflow_usage_errors(env, args):
     proc = run("beam_dataflow.sh", *args, env=env)
