@@ -17,7 +17,6 @@ and line: score shards are our own output, so a bad one means a broken step, not
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 from collections.abc import Iterable, Sequence
 
@@ -49,9 +48,8 @@ def check_score_record(record, path: str, line: int) -> tuple[str, int]:
 
 def write_score_shard(path: str, records: Iterable[dict]) -> int:
     """Writes score records (validated) to one shard; returns how many. `.gz` compresses."""
-    opener = gzip.open if path.endswith(".gz") else open
     count = 0
-    with opener(path, "wt", encoding="utf-8") as f:
+    with sources.open_file(path, "wt") as f:
         for count, record in enumerate(records, start=1):
             check_score_record(record, path, count)
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -62,8 +60,7 @@ def read_scores(patterns: Sequence[str] | str) -> dict[str, int]:
     """All shards as {id: score}, the maximum where an id is scored more than once."""
     scores: dict[str, int] = {}
     for path in sources.expand_files(patterns):
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
+        with sources.open_file(path, "rt") as f:
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue

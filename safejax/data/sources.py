@@ -12,6 +12,7 @@ when there are at least as many files as hosts, every n-th record otherwise (seq
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import json
@@ -35,11 +36,11 @@ def bundled_corpus_files() -> list[str]:
 
 
 def expand_files(patterns: Sequence[str] | str) -> list[str]:
-    """Expands globs; a pattern that matches nothing is an error naming it."""
+    """Expands globs (local or gs://); a pattern that matches nothing is an error naming it."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     files = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern))
+        matches = sorted(tf.io.gfile.glob(pattern))
         if not matches:
             raise errors.UserError(f"corpus file not found: {pattern}")
         files.extend(matches)
@@ -48,16 +49,25 @@ def expand_files(patterns: Sequence[str] | str) -> list[str]:
     return files
 
 
-def _open(path: str, mode: str = "rb"):
-    return gzip.open(path, mode) if path.endswith(".gz") else open(path, mode)
+@contextlib.contextmanager
+def open_file(path: str, mode: str = "rb") -> Iterator:
+    """Local or remote (gs://, any tf.io.gfile path), gzip by the `.gz` suffix; binary or text."""
+    binary = "b" in mode
+    if not path.endswith(".gz"):
+        with tf.io.gfile.GFile(path, mode[0] + ("b" if binary else "")) as f:
+            yield f
+        return
+    with tf.io.gfile.GFile(path, mode[0] + "b") as raw:  # closed after gzip has flushed into it
+        with gzip.open(raw, mode[0] + ("b" if binary else "t"), encoding=None if binary else "utf-8") as f:
+            yield f
 
 
 def check_readable(path: str) -> None:
     """Fails early, naming the file, when it cannot be opened or decompressed at all."""
     try:
-        with _open(path) as f:
+        with open_file(path) as f:
             f.read(1)
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, tf.errors.OpError) as e:
         raise errors.UserError(f"cannot read corpus file {path}: {type(e).__name__}: {e}") from e
 
 
@@ -109,7 +119,7 @@ def parse_json_line(raw: bytes, path: str, line: int, kind: str = "text") -> dic
 def iter_records(files: Sequence[str], kind: str = "text") -> Iterator[dict]:
     """Valid records in file order (vocabulary training, statistics, the Beam job)."""
     for path in files:
-        with _open(path) as f:
+        with open_file(path) as f:
             for line_no, raw in enumerate(f, start=1):
                 if raw.strip():
                     record = parse_json_line(raw.rstrip(b"\r\n"), path, line_no, kind)

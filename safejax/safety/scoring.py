@@ -13,12 +13,12 @@ The same per-shard work runs as an Apache Beam pipeline (safety/scoring_beam.py)
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import tensorflow as tf
 import tqdm
 
 from safejax import errors
@@ -89,7 +89,7 @@ class DocumentScorer:
 def _model_dir(checkpoint: str) -> str:
     """A training workdir or its exported model folder."""
     inner = os.path.join(checkpoint, "model")
-    return inner if os.path.isdir(inner) else checkpoint
+    return inner if tf.io.gfile.isdir(inner) else checkpoint
 
 
 def shard_name(index: int, path: str) -> str:
@@ -112,10 +112,11 @@ def score_shard(scorer: DocumentScorer, index: int, path: str, output_dir: str,
                 progress: tqdm.tqdm | None = None, docs_per_batch: int = 256) -> int:
     """Scores one input file into its shard (unless it exists); returns documents scored."""
     target = os.path.join(output_dir, shard_name(index, path))
-    if os.path.exists(target):
+    if tf.io.gfile.exists(target):
         return 0
-    partial, count = target + ".partial", 0
-    with gzip.open(partial, "wt", encoding="utf-8") as out:
+    partial, count = os.path.join(output_dir, "partial", shard_name(index, path)), 0  # out of globs' way
+    tf.io.gfile.makedirs(os.path.dirname(partial))
+    with sources.open_file(partial, "wt") as out:
         for batch in _batches(sources.iter_records([path]), docs_per_batch):
             for record, (score, probs, windows) in zip(batch, scorer.score([r["text"] for r in batch])):
                 line = {"id": str(record["id"]), "score": score,
@@ -126,7 +127,7 @@ def score_shard(scorer: DocumentScorer, index: int, path: str, output_dir: str,
                 count += 1
             if progress is not None:
                 progress.update(len(batch))
-    os.replace(partial, target)
+    tf.io.gfile.rename(partial, target, overwrite=True)
     return count
 
 
@@ -134,15 +135,15 @@ def check_manifest(output_dir: str, checkpoint: str, files: list[str]) -> None:
     """One output folder, one model and input list: a rerun resumes, a different job is refused."""
     manifest = {"checkpoint": os.path.abspath(checkpoint), "inputs": [os.path.abspath(f) for f in files]}
     path = os.path.join(output_dir, MANIFEST)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
             previous = json.load(f)
         if previous != manifest:
             raise errors.UserError(f"{output_dir} holds scores of another model or input list "
                                    f"(see {path}); use a new --output")
         return
-    os.makedirs(output_dir, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    tf.io.gfile.makedirs(output_dir)
+    with tf.io.gfile.GFile(path, "w") as f:
         json.dump(manifest, f, indent=1)
 
 
@@ -157,7 +158,7 @@ def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, bat
     QUARANTINE.write_to(os.path.join(output_dir, f"quarantine-{jax.process_index()}.jsonl"))
     scorer = DocumentScorer(checkpoint, batch_size=batch_size, overlap=overlap)
     mine = [(i, f) for i, f in enumerate(files) if i % jax.process_count() == jax.process_index()]
-    skipped = sum(os.path.exists(os.path.join(output_dir, shard_name(i, f))) for i, f in mine)
+    skipped = sum(tf.io.gfile.exists(os.path.join(output_dir, shard_name(i, f))) for i, f in mine)
     with tqdm.tqdm(unit=" docs", disable=not progress_bar, desc="scoring") as bar:
         scored = sum(score_shard(scorer, i, f, output_dir, bar) for i, f in mine)
         rate = bar.format_dict["rate"]
