@@ -18,7 +18,7 @@ import pytest
 from conftest import FAST, TINY
 
 from safejax import cli, config, errors
-from safejax.inference.generate import Generator
+from safejax.inference.generate import Generator, Request
 from safejax.inference.server import Server, ServerConfig
 
 
@@ -125,6 +125,18 @@ def test_safebeam_on_a_vocabulary_without_the_tag_is_refused(generator):
         assert code == 200
     finally:
         untagged.shutdown()
+
+
+def test_stop_strings_end_the_text_before_them(generator):
+    params = generator.params(strategy="greedy", max_new_tokens=12)
+    [free] = generator.generate(["The king said"], params)
+    stop = free.text[len(free.text) // 2:][:3]
+    assert stop.strip(), free.text
+    streamed = []
+    [cut] = generator.run([Request(generator.encode("The king said"), params.replace(stop=(stop,)))],
+                          lambda i, delta: streamed.append(delta))
+    assert cut.text == free.text[:free.text.index(stop)] and cut.finish_reason == "stop"
+    assert "".join(streamed) == cut.text
 
 
 def test_concurrent_clients_are_batched_and_get_their_own_answers(server, generator):
