@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import safety_fixtures as fx
 from safejax import cli, config, errors, vocab
-from safejax.data import pipeline, scores, sources, stats, tasks
+from safejax.data import dialogue, pipeline, scores, sources, stats, tasks
 from safejax.data.quarantine import QUARANTINE
 from safejax.data.tasks import BUNDLED_VOCAB
 
@@ -146,7 +146,7 @@ def test_a_document_without_a_score_is_an_error_or_skipped_and_counted(tmp_path,
     assert QUARANTINE.counts().get("no_score") == 3
 
 
-def test_refuseweb_dialogues_use_role_markers_and_record_the_names(safety):
+def test_refuseweb_dialogues_use_role_markers_and_record_the_names(safety, data_files):
     docs = {d["id"].decode(): d for d in _documents("refuseweb")}
     assert len(docs) + len(_all_ids("refuseweb", "validation")) == 30
     first = docs["refuse-0"]
@@ -156,6 +156,9 @@ def test_refuseweb_dialogues_use_role_markers_and_record_the_names(safety):
     assert tokens[0] == user and tokens[-1] == end
     assert tokens.count(assistant) == 1 and tokens.count(end) == 2
     assert VOCAB.decode(tokens[1:tokens.index(end)]).startswith("Pupil: ")
+    # The same template as chat prompts at inference (safejax serve / Generator.encode_chat).
+    turns = json.loads(open(data_files["refuseweb"]).readline())["turns"]
+    assert tokens == dialogue.encode_dialogue(VOCAB, turns, ("Pupil", "Mentor"))
     names = {d["roles"].decode() for d in docs.values()}
     assert len(names) >= 3  # varied by dialogue id
 

@@ -17,6 +17,7 @@ import gin
 
 from safejax import errors
 from safejax import vocab as vocab_lib
+from safejax.data import dialogue
 from safejax.inference import checkpoint
 from safejax.inference import lm as lm_lib
 from safejax.inference.params import SamplingParams
@@ -70,20 +71,20 @@ class Generator:
         return list(self.vocabulary.encode(text))
 
     def encode_chat(self, messages: Sequence[dict]) -> list[int]:
-        """Role-marked turns, then the assistant marker: <|user|> text <|end_of_turn|> ... <|assistant|>.
+        """The dialogue template the model was trained on (data/dialogue.py), ending where the
+        assistant speaks next: <|user|> User: text <|end_of_turn|> ... <|assistant|> Assistant:
 
         System messages are sent as a user turn before the first one (the markers have no system role).
         """
         if "<|user|>" not in self.loaded.reserved:
             raise errors.UserError("chat needs the role markers, but the checkpoint's vocabulary has none")
-        ids = []
+        turns = []
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
             if role not in ("system", "user", "assistant") or not isinstance(content, str):
                 raise errors.UserError(f"messages[{i}] must have role system|user|assistant and a string content")
-            marker = ASSISTANT if role == "assistant" else USER
-            ids += [self.loaded.reserved[marker], *self.encode(content), self.loaded.reserved[END_OF_TURN]]
-        return ids + [self.loaded.reserved[ASSISTANT]]
+            turns.append({"role": "assistant" if role == "assistant" else "user", "text": content})
+        return dialogue.encode_dialogue(self.vocabulary, turns, generation_prompt=True)
 
     def check(self, request: Request) -> Request:
         """Raises UserError when the request cannot run on this model."""
