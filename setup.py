@@ -24,7 +24,7 @@ setup(
         "tensorflow-text>=2.21,<2.22",
         "tensorflow-datasets>=4.9.10",
         "importlib_resources>=6",  # tensorflow-datasets needs it to build datasets, but does not declare it
-        "apache-beam>=2.77,<3",  # corpus-scale data jobs (safejax data cache); needs protobuf < 7
+        "apache-beam[tfrecord]>=2.77,<3",  # corpus-scale data jobs (data cache, score --beam); protobuf < 7
         "sentencepiece==0.2.1",  # 0.2.3 needs protobuf >= 7, which apache-beam 2.77 refuses
         "numpy>=2.0",
         "tensorboard>=2.21",
