@@ -197,4 +197,4 @@ def test_cli_serve_as_users_run_it(workdir):
             assert json.loads(response.read())["usage"]["completion_tokens"] <= 3
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        assert proc.wait(timeout=240) == 130  # a loaded 2-core machine may still be compiling
