@@ -192,7 +192,9 @@ def _read_prompts(path: str) -> list[str]:
 
 def cmd_serve(args, bindings) -> int:
     import dataclasses
+    import signal
     import threading
+    import time
 
     from safejax.inference.generate import Generator
     from safejax.inference.server import Server, ServerConfig
@@ -206,11 +208,19 @@ def cmd_serve(args, bindings) -> int:
         raise errors.UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from e
     server.start()
     print(json.dumps({"url": server.url, "model": server.model_name}), flush=True)
-    try:
-        threading.Event().wait()  # until Ctrl-C or SIGTERM
-    finally:
-        server.shutdown()
-    return 0
+    received = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    while not received:  # until Ctrl-C or SIGTERM
+        time.sleep(0.2)
+    closing = threading.Thread(target=server.shutdown, daemon=True)
+    closing.start()
+    closing.join(timeout=30)
+    # Exit now: a stopped server has nothing left to write, and JAX/TensorFlow teardown can wait
+    # on their own background threads (seen to hang a CI run's interpreter exit).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130 if received[0] == signal.SIGINT else 0)
 
 
 def cmd_bench(args, bindings) -> int:

@@ -36,15 +36,12 @@ class Quarantine:
     def write_to(self, path: str | None) -> None:
         """Appends later entries to `path` (any tf.io.gfile path); None keeps counts only.
 
-        The counts start afresh (they describe this output); entries already in the file (a run
-        resumed in a new process) count and are not repeated.
+        Entries already in the file (a run resumed in a new process) count and are not repeated.
         """
         with self._lock:
             if self._file is not None:
                 self._file.close()
             self._path, self._file = path, None
-            self._seen.clear()
-            self._counts.clear()
             if path and tf.io.gfile.exists(path):
                 with tf.io.gfile.GFile(path) as f:
                     for line in f:

@@ -155,6 +155,7 @@ def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, bat
     files = sources.expand_files(inputs)
     if jax.process_index() == 0:
         check_manifest(output_dir, checkpoint, files)
+    QUARANTINE.reset()  # the summary counts this job's records only
     QUARANTINE.write_to(os.path.join(output_dir, f"quarantine-{jax.process_index()}.jsonl"))
     scorer = DocumentScorer(checkpoint, batch_size=batch_size, overlap=overlap)
     mine = [(i, f) for i, f in enumerate(files) if i % jax.process_count() == jax.process_index()]

@@ -43,6 +43,7 @@ def train(workdir: str) -> dict:
     trainer, data, schedule = build_trainer()
     if jax.process_index() == 0:
         config.write_effective_config(workdir)
+    QUARANTINE.reset()  # the summary counts this run's records only (and those already in its file)
     QUARANTINE.write_to(os.path.join(os.path.abspath(workdir), f"quarantine-{jax.process_index()}.jsonl"))
     logging.info("model %s on mesh %s", json.dumps(trainer.objective.describe()), dict(trainer.mesh.shape))
     summary = fit(trainer, workdir,
