@@ -147,9 +147,9 @@ def safety_data(corpus: seqio.DataSource | None = None,
     text_steps = [pre.text_to_targets, _tokenize]
     task("raw", corpus, text_steps)
     if scores:
-        join = pre.join_scores(tuple(sources.expand_files(scores)), prefix + "scored", on_missing_score)
-        task("raw_tagged", corpus, [join, *text_steps, tag])
         score_files = tuple(sources.expand_files(scores))
+        join = pre.join_scores(score_files, prefix + "scored", on_missing_score)
+        task("raw_tagged", corpus, [join, *text_steps, tag])
         for kind, (low, high) in {"score_0": (0, 0), "score_1_3": (1, 3), "score_4_5": (4, 5)}.items():
             source = corpus
             if isinstance(corpus, sources.JsonlDataSource):
