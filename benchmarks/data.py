@@ -1,15 +1,19 @@
 """Input-pipeline throughput (read, tokenize, pack into batches): raw corpus vs the safety mixture.
 
     safejax bench data [--batches 200] [--seq_len 512] [--batch_size 16] [--rounds 2] [--cached]
+                       [--layout score_folders|join]
 
 Both run on the bundled corpus through the real seqio tasks and the trainer's batch iterator.
 `raw` is the plain corpus; `safety` is the full ablation mixture (score-0 text, rephrased,
-RefuseWeb, moral education, tagged unsafe text), which adds the score join, range filters, tag
-insertion, dialogue formatting and mixture sampling. Two inputs are stand-ins, since the bundled
-corpus has neither: its score shards give each document a score from a hash of its id (a third
-safe, the rest spread over 1-5), and its synthetic records reuse corpus texts (rephrased, moral
-education) or cut them into two-turn dialogues (RefuseWeb). Throughput does not depend on which
-documents are unsafe, only on how many, and the tag rate is measured on real corpus text.
+RefuseWeb, moral education, tagged unsafe text), which adds the score ranges, tag insertion,
+dialogue formatting and mixture sampling. The score kinds read the corpus as `safejax data split`
+writes it into score folders (the default; the split itself is done once, before timing, and not
+timed), or with `--layout join` the whole corpus joined with the score shards by each task.
+Two inputs are stand-ins, since the bundled corpus has neither: its score shards give each
+document a score from a hash of its id (a third safe, the rest spread over 1-5), and its
+synthetic records reuse corpus texts (rephrased, moral education) or cut them into two-turn
+dialogues (RefuseWeb). Throughput does not depend on which documents are unsafe, only on how
+many, and the tag rate is measured on real corpus text.
 
 With --cached both are also measured from the Beam job's cache (data/beam_cache.py), the path
 for a large corpus: the per-document steps run once, offline, and training reads tokens.
@@ -21,6 +25,7 @@ for a large corpus: the per-document steps run once, offline, and training reads
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import tempfile
@@ -31,7 +36,7 @@ import gin
 import seqio
 
 from safejax import config
-from safejax.data import beam_cache, pipeline, scores, sources, stats, tasks
+from safejax.data import beam_cache, pipeline, scores, sources, split, stats, tasks
 from safejax.data.quarantine import QUARANTINE
 
 
@@ -43,8 +48,9 @@ def stand_in_inputs(root: str) -> dict[str, str]:
         bucket = zlib.crc32(doc_id.encode()) % 15
         return 0 if bucket < 5 else 1 + (bucket - 5) // 2
 
-    paths = {"scores": os.path.join(root, "scores-00000-of-00001.jsonl.gz")}
+    paths = {"scores": os.path.join(root, "scores-00000-of-00001.jsonl.gz"), "split": os.path.join(root, "split")}
     scores.write_score_shard(paths["scores"], ({"id": r["id"], "score": score(r["id"])} for r in records))
+    split.split_by_score(paths["split"], sources.JsonlDataSource(sources.bundled_corpus_files()), [paths["scores"]])
     kinds = {"rephrased": lambda r: {"text": r["text"]},
              "moral_education": lambda r: {"text": r["text"]},
              "refuseweb": lambda r: {"turns": [
@@ -59,8 +65,9 @@ def stand_in_inputs(root: str) -> dict[str, str]:
     return paths
 
 
-def _bindings(paths: dict, seq_len: int, batch_size: int, task: str) -> list[str]:
-    return [f"SCORES = {[paths['scores']]!r}", f"REPHRASED = {[paths['rephrased']]!r}",
+def _bindings(paths: dict, seq_len: int, batch_size: int, task: str, layout: str) -> list[str]:
+    folders = [f"SPLIT_DIR = {paths['split']!r}"] if layout == "score_folders" else []
+    return [*folders, f"SCORES = {[paths['scores']]!r}", f"REPHRASED = {[paths['rephrased']]!r}",
             f"REFUSEWEB = {[paths['refuseweb']]!r}", f"MORAL_EDUCATION = {[paths['moral_education']]!r}",
             f"MIXTURE = {task!r}", f"DataConfig.seq_len = {seq_len}",
             f"DataConfig.global_batch_size = {batch_size}", "DataConfig.eval_batches = 0"]
@@ -86,14 +93,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cached", action="store_true",
                         help="also measure both from the Beam job's cache (runs it first, DirectRunner)")
+    parser.add_argument("--layout", choices=("score_folders", "join"), default="score_folders",
+                        help="how the score kinds read the corpus (see above)")
     args = parser.parse_args(argv)
+    bindings = functools.partial(_bindings, seq_len=args.seq_len, batch_size=args.batch_size, layout=args.layout)
     with tempfile.TemporaryDirectory() as root:
         paths = stand_in_inputs(root)
         runs = {"raw": ("ablation_raw", []), "safety": ("ablation_full", [])}
         if args.cached:  # the corpus-scale path: per-document steps done once by the Beam job
             cache = os.path.join(root, "cache")
             for task, _ in runs.values():
-                config.parse(["data/safety.gin"], _bindings(paths, args.seq_len, args.batch_size, task))
+                config.parse(["data/safety.gin"], bindings(paths, task=task))
                 tasks.safety_data()
                 beam_cache.run(task, cache, gin.config_str())
             cached = ["DataConfig.use_cached = True", f"DataConfig.cache_dirs = ({cache!r},)"]
@@ -101,10 +111,9 @@ def main(argv: list[str]) -> int:
         results = dict.fromkeys(runs, 0.0)
         for _ in range(args.rounds):  # alternating, best of each: a shared machine's noise hits all
             for name, (task, extra) in runs.items():
-                config.parse(["data/safety.gin"], _bindings(paths, args.seq_len, args.batch_size, task) + extra)
+                config.parse(["data/safety.gin"], bindings(paths, task=task) + extra)
                 results[name] = max(results[name], tokens_per_sec(args.batches, args.warmup))
-        config.parse(["data/safety.gin"], _bindings(paths, args.seq_len, args.batch_size, "ablation_raw")
-                     + ["safety_data.tag_scores = (0, 5)"])
+        config.parse(["data/safety.gin"], bindings(paths, task="ablation_raw") + ["safety_data.tag_scores = (0, 5)"])
         tasks.safety_data()
         tagged = stats.task_stats(seqio.get_mixture_or_task("raw_tagged"))
     figures = {f"{name}_tokens_per_sec": round(value, 1) for name, value in results.items()}
@@ -116,7 +125,7 @@ def main(argv: list[str]) -> int:
         "tag_rate": round(tagged["tag_rate"], 5),
         "tagged_documents": tagged["tagged_documents"], "tags": tagged["tags"],
         "tagged_words": tagged["tagged_words"], "quarantined": QUARANTINE.total(),
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "batches": args.batches,
+        "layout": args.layout, "seq_len": args.seq_len, "batch_size": args.batch_size, "batches": args.batches,
         "rounds": args.rounds,
         "cpus": os.cpu_count()}))
     return 0

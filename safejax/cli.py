@@ -126,6 +126,14 @@ def cmd_data(args, bindings) -> int:
     from safejax.data import quarantine, stats, tasks
 
     config.parse(args.gin_file or ["data/safety.gin"], bindings)
+    if args.action == "split":  # before the tasks: they may read the folders it writes
+        from safejax.data import split
+
+        if not args.output:
+            raise errors.UserError("data split needs --output DIR")
+        quarantine.QUARANTINE.write_to(args.quarantine or os.path.join(args.output, "quarantine.jsonl"))
+        print(json.dumps(split.split_by_score(args.output)))
+        return 0
     tasks.safety_data()
     if args.action == "list":
         print(json.dumps(stats.list_data(), indent=1))
@@ -287,15 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "go after -- (default DirectRunner)")
     score.set_defaults(run=cmd_score)
 
-    data = sub.add_parser("data", help="list, measure and show the safety data's seqio tasks and mixtures")
+    data = sub.add_parser("data", help="list, measure and show the safety data's seqio tasks and mixtures; "
+                                       "split the corpus into score folders")
     _add_gin_args(data)
-    data.add_argument("action", choices=("list", "stats", "cache"))
+    data.add_argument("action", choices=("list", "stats", "cache", "split"))
     data.add_argument("name", nargs="?", help="task or mixture (see `safejax data list`)")
     data.add_argument("--show", type=int, default=0, metavar="N", help="also decode N documents")
     data.add_argument("--split", default="train", choices=("train", "validation"))
     data.add_argument("--max_documents", type=int, help="measure only the first N documents of each task")
     data.add_argument("--quarantine", help="write the malformed records found to this JSONL file")
     data.add_argument("--cache_dir", help="cache: where the Beam job writes the preprocessed tasks")
+    data.add_argument("--output", help="split: where to write the corpus in score folders (SPLIT_DIR)")
     data.epilog = ("cache: Beam pipeline options go after --, e.g. -- --runner=DataflowRunner "
                    "(see launch/beam_dataflow.sh); the default is the DirectRunner.")
     data.set_defaults(run=cmd_data)

@@ -66,12 +66,9 @@ def make(root: str, documents: int = 240, unscored: int = 0) -> dict[str, str]:
 
 
 def bindings(paths: dict, **extra) -> list[str]:
-    """gin bindings pointing safety_data at the files."""
-    out = [f"corpus/jsonl_source.files = {[paths['corpus']]!r}",
-           "safety_data.corpus = @corpus/jsonl_source()",
-           f"safety_data.scores = {paths['scores']!r}",
-           f"safety_data.rephrased = {[paths['rephrased']]!r}",
-           f"safety_data.refuseweb = {[paths['refuseweb']]!r}",
-           f"safety_data.moral_education = {[paths['moral_education']]!r}",
+    """gin bindings (over configs/data/safety.gin) pointing the safety data at the files."""
+    out = [f"CORPUS = {[paths['corpus']]!r}", f"SCORES = {paths['scores']!r}",
+           f"REPHRASED = {[paths['rephrased']]!r}", f"REFUSEWEB = {[paths['refuseweb']]!r}",
+           f"MORAL_EDUCATION = {[paths['moral_education']]!r}",
            "safety_data.shuffle_buffer_size = 64"]
     return out + [f"{k} = {v!r}" for k, v in extra.items()]

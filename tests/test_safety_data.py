@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import safety_fixtures as fx
 from safejax import cli, config, errors, vocab
-from safejax.data import dialogue, pipeline, scores, sources, stats, tasks
+from safejax.data import dialogue, pipeline, scores, sources, split, stats, tasks
 from safejax.data.quarantine import QUARANTINE
 from safejax.data.tasks import BUNDLED_VOCAB
 
@@ -37,6 +37,26 @@ def safety(data_files):
 
     parse()
     return parse
+
+
+@pytest.fixture(scope="module")
+def split_dir(data_files, tmp_path_factory):
+    """The fixture corpus written into score folders by `safejax data split`."""
+    out = str(tmp_path_factory.mktemp("split"))
+    QUARANTINE.reset()
+    args = ["data", "split", "--output", out] + ["--gin." + b.replace(" = ", "=") for b in fx.bindings(data_files)]
+    assert cli.main(args) == 0
+    QUARANTINE.write_to(None)
+    return out
+
+
+def _folder_ids(root):
+    """{score: [ids]} of every record in the score folders."""
+    out = {}
+    for score in range(scores.NUM_SCORES):
+        for path in sorted(tf.io.gfile.glob(os.path.join(root, f"score_{score}", "*.jsonl.gz"))):
+            out.setdefault(score, []).extend(r["id"] for r in sources.iter_records([path]))
+    return out
 
 
 def _documents(name):
@@ -208,10 +228,17 @@ def test_two_hosts_get_disjoint_documents_that_cover_the_task(safety):
     assert sorted(hosts[0] + hosts[1]) == sorted(documents())
 
 
-def test_mixture_batches_are_deterministic_and_resume_exactly(safety):
-    safety("safety_mixture.name = 'ablation_full'", "DataConfig.seq_len = 64", "DataConfig.global_batch_size = 4")
+@pytest.mark.parametrize("layout", ["join", "score_folders"])
+def test_mixture_batches_are_deterministic_and_resume_exactly(safety, split_dir, layout):
+    folders = [f"SPLIT_DIR = {split_dir!r}"] if layout == "score_folders" else []
+    safety("safety_mixture.name = 'ablation_full'", "DataConfig.seq_len = 64", "DataConfig.global_batch_size = 4",
+           *folders)
     cfg = pipeline.DataConfig()
     first = [b for _, b in zip(range(5), pipeline.train_batches(cfg))]
+    again = [b for _, b in zip(range(5), pipeline.train_batches(cfg))]
+    for a, b in zip(first, again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
     resumed = [b for _, b in zip(range(2), pipeline.train_batches(cfg, start=3))]
     for a, b in zip(first[3:], resumed):
         for key in a:
@@ -299,3 +326,55 @@ def test_tag_text_in_raw_documents_is_plain_text_in_the_tf_tokenizer_too():
     assert tokens == VOCAB.encode(text)
     assert not set(tokens) & set(RESERVED.values())
     assert VOCAB.decode(tokens) == text
+
+
+def test_split_puts_every_document_in_exactly_one_score_folder(split_dir, data_files, capsys):
+    folders = _folder_ids(split_dir)
+    every = [i for ids in folders.values() for i in ids]
+    assert sorted(every) == sorted(f"doc-{i}" for i in range(240))  # each valid document once
+    for score, ids in folders.items():
+        assert ids and all(fx.score_of(int(i[4:])) == score for i in ids)
+    record = next(sources.iter_records(tf.io.gfile.glob(os.path.join(split_dir, "score_3", "*"))))
+    assert record["score"] == 3 and record["url"].startswith("https://")  # extra fields kept
+    quarantined = [json.loads(line)["reason"] for line in open(os.path.join(split_dir, "quarantine.jsonl"))]
+    assert sorted(quarantined) == sorted(fx.BAD_LINES.values())
+    # A rerun finds every shard written and writes nothing; other inputs are refused.
+    bindings = ["--gin." + b.replace(" = ", "=") for b in fx.bindings(data_files)]
+    capsys.readouterr()
+    assert cli.main(["data", "split", "--output", split_dir] + bindings) == 0
+    assert set(json.loads(capsys.readouterr().out)["documents"].values()) == {0}
+    assert cli.main(["data", "split", "--output", split_dir] + bindings + ["--gin.SCORES=[" + repr(data_files["scores"][0]) + "]"]) == 2
+    assert "other inputs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("split_name", ["train", "validation"])
+def test_tasks_over_score_folders_give_the_same_documents_as_the_join(safety, split_dir, split_name):
+    safety("corpus/jsonl_source.validation_permille = 200")
+    kinds = ("raw_tagged", "score_0", "score_1_3", "score_4_5", "score_1_3_tagged", "score_4_5_tagged")
+
+    def documents(name):
+        task = seqio.get_mixture_or_task(name)
+        return {d["id"]: (d["targets"].tolist(), int(d["score"]))
+                for d in stats.documents(task, split_name, 0, None).as_numpy_iterator()}
+
+    joined = {kind: documents(kind) for kind in kinds}
+    safety("corpus/jsonl_source.validation_permille = 200", f"SPLIT_DIR = {split_dir!r}")
+    for kind in kinds:
+        assert documents(kind) == joined[kind] and joined[kind], kind
+
+
+def test_split_of_unscored_documents_is_an_error_or_skipped_and_counted(tmp_path, safety):
+    files = fx.make(str(tmp_path / "in"), documents=60, unscored=3)
+    safety(files=files)
+    with pytest.raises(errors.UserError, match="has no score"):
+        split.split_by_score(str(tmp_path / "error"))
+    safety("ON_MISSING_SCORE = 'skip'", files=files)
+    out = str(tmp_path / "skip")
+    split.split_by_score(out)
+    assert QUARANTINE.counts()["no_score"] == 3
+    assert sorted(i for ids in _folder_ids(out).values() for i in ids) == sorted(f"doc-{i}" for i in range(57))
+
+
+def test_a_split_dir_without_a_manifest_is_a_clear_error(safety, tmp_path):
+    with pytest.raises(errors.UserError, match="safejax data split"):
+        safety(f"SPLIT_DIR = {str(tmp_path)!r}")

@@ -8,13 +8,11 @@ The markers are reserved control ids (vocab.py): text cannot produce them, so ra
 never fake a turn boundary. NAME is the role's display name; the paper varies them (student /
 teacher and the like), so that the model does not tie refusals to one pair of words. A record may
 name its own pair in `roles` ({"user": ..., "assistant": ...}); otherwise one pair is picked from
-`dialogue_role_names` by hashing the dialogue id. The pair used is kept in the `roles` feature.
+`dialogue_role_names` by hashing the dialogue id (FarmHash, as tf.strings.to_hash_bucket_fast).
+The pair used is kept in the `roles` feature.
 """
 
 from __future__ import annotations
-
-import json
-import zlib
 
 import seqio
 import tensorflow as tf
@@ -23,24 +21,6 @@ from safejax import vocab as vocab_lib
 from safejax.data.preprocessors import dialogue_role_names
 
 USER, ASSISTANT, END_OF_TURN = vocab_lib.ROLE_MARKERS
-
-
-def role_pair(record: dict, pairs: tuple[tuple[str, str], ...]) -> tuple[str, str]:
-    roles = record.get("roles")
-    if isinstance(roles, dict) and roles.get("user") and roles.get("assistant"):
-        return str(roles["user"]), str(roles["assistant"])
-    return pairs[zlib.crc32(str(record["id"]).encode()) % len(pairs)]
-
-
-def turn_texts(record: dict, pairs) -> tuple[list[str], list[bool], str]:
-    """Each turn's "NAME: TEXT", whether it is the assistant's, and the pair as "USER/ASSISTANT"."""
-    user, assistant = role_pair(record, pairs)
-    texts, is_assistant = [], []
-    for turn in record["turns"]:
-        mine = turn["role"] == "assistant"
-        texts.append(f"{assistant if mine else user}: {turn['text']}")
-        is_assistant.append(mine)
-    return texts, is_assistant, f"{user}/{assistant}"
 
 
 def encode_dialogue(vocabulary: seqio.SentencePieceVocabulary, turns: list[dict],
@@ -61,26 +41,27 @@ def encode_dialogue(vocabulary: seqio.SentencePieceVocabulary, turns: list[dict]
 
 
 def format_dialogues(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
-    """seqio preprocessor: dialogue records (turns in the `json` feature) -> `targets` token ids."""
+    """seqio preprocessor: dialogue records -> `targets` token ids, all in TF ops.
+
+    The source gives each record's turns as features (data/sources.py DIALOGUE_COLUMNS).
+    """
     vocabulary = output_features["targets"].vocabulary
     ids = vocab_lib.reserved_ids(vocabulary)
-    pairs = dialogue_role_names()
-
-    def parse(record_json):
-        texts, is_assistant, roles = turn_texts(json.loads(record_json), pairs)
-        return [t.encode() for t in texts], is_assistant, roles.encode()
+    pairs = tf.constant(dialogue_role_names())
 
     def to_tokens(example):
-        texts, is_assistant, roles = tf.numpy_function(
-            parse, [example["json"]], [tf.string, tf.bool, tf.string], stateful=False)
-        texts.set_shape([None])
-        is_assistant.set_shape([None])
-        roles.set_shape([])
-        turns = tf.cast(vocabulary.encode_tf(texts), tf.int32)  # ragged (turns, tokens)
+        given = example["role_names"]
+        names = tf.cond(tf.size(given) == 2, lambda: given,
+                        lambda: pairs[tf.strings.to_hash_bucket_fast(example["id"], len(pairs))])
+        is_assistant = example["turn_is_assistant"]
+        speakers = tf.where(is_assistant, names[1], names[0])
+        turns = tf.cast(vocabulary.encode_tf(tf.strings.join([speakers, ": ", example["turn_texts"]])),
+                        tf.int32)  # ragged (turns, tokens)
         marker = tf.where(is_assistant, ids[ASSISTANT], ids[USER])[:, None]
         end = tf.fill([tf.size(is_assistant), 1], ids[END_OF_TURN])
         tokens = tf.concat([tf.RaggedTensor.from_tensor(marker), turns,
                             tf.RaggedTensor.from_tensor(end)], axis=1)
-        return {**example, "targets": tokens.flat_values, "roles": roles}
+        rest = {k: v for k, v in example.items() if k not in ("turn_texts", "turn_is_assistant", "role_names")}
+        return {**rest, "targets": tokens.flat_values, "roles": tf.strings.join([names[0], "/", names[1]])}
 
     return dataset.map(to_tokens, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

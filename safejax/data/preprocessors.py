@@ -41,14 +41,18 @@ def drop_raw_text(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.map(lambda ex: {k: v for k, v in ex.items() if k not in ("text", "json")})
 
 
+def check_missing_policy(on_missing: str) -> None:
+    if on_missing not in MISSING_SCORE_POLICIES:
+        raise errors.UserError(f"on_missing_score must be one of {MISSING_SCORE_POLICIES}, got {on_missing!r}")
+
+
 def join_scores(score_files: tuple[str, ...], task: str, on_missing: str = "error"):
     """Adds each document's `score` from the score shards (data/scores.py), by id.
 
     A document no shard scores is, by `on_missing`, an error naming it ("error") or set aside in
     the quarantine and counted ("skip").
     """
-    if on_missing not in MISSING_SCORE_POLICIES:
-        raise errors.UserError(f"on_missing_score must be one of {MISSING_SCORE_POLICIES}, got {on_missing!r}")
+    check_missing_policy(on_missing)
 
     def note_unscored(doc_id: bytes) -> bool:
         doc = doc_id.decode(errors="replace")

@@ -26,7 +26,7 @@ import tensorflow as tf
 from safejax import errors
 from safejax.data import sources
 
-NUM_SCORES = 6
+NUM_SCORES = sources.MAX_SCORE + 1
 MISSING = -1  # the joined score of a document that no shard scores
 
 
@@ -37,7 +37,7 @@ def check_score_record(record, path: str, line: int) -> tuple[str, int]:
     doc_id, score = record.get("id"), record.get("score")
     if not isinstance(doc_id, str) or not doc_id:
         raise errors.UserError(f"{where}: field 'id' must be a non-empty string")
-    if isinstance(score, bool) or not isinstance(score, int) or not 0 <= score < NUM_SCORES:
+    if not sources.is_score(score):
         raise errors.UserError(f"{where}: field 'score' must be an integer 0..5, got {score!r}")
     probs = record.get("probs")
     if probs is not None and (not isinstance(probs, list) or len(probs) != NUM_SCORES

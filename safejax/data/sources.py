@@ -29,6 +29,7 @@ from safejax.data.quarantine import QUARANTINE, raw_text
 BUNDLED_CORPUS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "corpus")
 HASH_BUCKETS = 1000
 RECORD_KINDS = ("text", "dialogue")  # what a record must carry: a text, or dialogue turns
+MAX_SCORE = 5  # harmfulness scores are 0..5 (data/scores.py)
 
 
 def bundled_corpus_files() -> list[str]:
@@ -84,12 +85,7 @@ def _dialogue_problem(record: dict) -> str | None:
     return None
 
 
-def validate(record, kind: str) -> str | None:
-    """Why a parsed record cannot be used, or None when it can."""
-    if not isinstance(record, dict):
-        return "not_an_object"
-    if kind == "dialogue":
-        return _dialogue_problem(record)
+def _text_problem(record: dict) -> str | None:
     text = record.get("text")
     if text is None:
         return "missing_text"
@@ -98,11 +94,27 @@ def validate(record, kind: str) -> str | None:
     return None if text.strip() else "empty_text"
 
 
-def parse_json_line(raw: bytes, path: str, line: int, kind: str = "text") -> dict | None:
+def is_score(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SCORE
+
+
+def validate(record, kind: str, scored: bool = False) -> str | None:
+    """Why a parsed record cannot be used, or None when it can. `scored`: it must carry its
+    `score` (records of the score folders, data/split.py)."""
+    if not isinstance(record, dict):
+        return "not_an_object"
+    problem = _dialogue_problem(record) if kind == "dialogue" else _text_problem(record)
+    if problem is None and scored and not is_score(record.get("score")):
+        return "bad_score"
+    return problem
+
+
+def parse_json_line(raw: bytes, path: str, line: int, kind: str = "text",
+                    scored: bool = False) -> dict | None:
     """A valid record with an `id` (default FILE:LINE), or None after quarantining the line."""
     try:
         record = json.loads(raw.decode("utf-8"))
-        problem = validate(record, kind)
+        problem = validate(record, kind, scored)
         detail = ""
     except UnicodeDecodeError as e:
         problem, detail = "invalid_utf8", f"byte {e.start}"
@@ -133,29 +145,69 @@ def iter_texts(files: Sequence[str]) -> Iterator[str]:
 
 PARSE_BATCH = 256  # records parsed per call into Python: the per-call cost, not JSON, dominated
 
+# Features a parsed record becomes: name -> (dtype, ragged). Every source gives `id`, `text` and
+# `json`; records of the score folders (data/split.py) add their `score`, dialogue records their
+# turns (the texts, who speaks, and the record's own role names, if any), so that no later step
+# parses JSON again.
+BASE_COLUMNS = {"ok": (tf.bool, False), "id": (tf.string, False), "text": (tf.string, False),
+                "json": (tf.string, False)}
+SCORE_COLUMNS = {"score": (tf.int32, False)}
+DIALOGUE_COLUMNS = {"turn_texts": (tf.string, True), "turn_is_assistant": (tf.bool, True),
+                    "role_names": (tf.string, True)}
+_EMPTY = {"ok": False, "id": b"", "text": b"", "json": b"", "score": -1,
+          "turn_texts": [], "turn_is_assistant": [], "role_names": []}
 
-def _as_example(record: dict | None, record_json: bytes | None = None) -> tuple:
-    if record is None:
-        return False, b"", b"", b""
-    if record_json is None:
-        record_json = json.dumps(record, ensure_ascii=False).encode()
-    return True, str(record["id"]).encode(), record.get("text", "").encode(), record_json
+
+def _record_columns(record: dict, record_json: bytes | None) -> dict:
+    out = {"ok": True, "id": str(record["id"]).encode(), "text": record.get("text", "").encode(),
+           "json": record_json or json.dumps(record, ensure_ascii=False).encode(),
+           "score": record.get("score", -1)}
+    if "turns" in record:
+        out["turn_texts"] = [turn["text"].encode() for turn in record["turns"]]
+        out["turn_is_assistant"] = [turn["role"] == "assistant" for turn in record["turns"]]
+        roles = record.get("roles")
+        named = isinstance(roles, dict) and roles.get("user") and roles.get("assistant")
+        out["role_names"] = [str(roles["user"]).encode(), str(roles["assistant"]).encode()] if named else []
+    return out
 
 
-def _parsed(parse_one, batch: tf.data.Dataset) -> tf.data.Dataset:
-    """Maps `parse_one(*scalars) -> (ok, id, text, json)` over batches of records in one Python
-    call per batch, then unbatches."""
+def _as_example(record: dict | None, record_json: bytes | None = None,
+                columns: dict = BASE_COLUMNS) -> tuple:
+    values = _EMPTY if record is None else {**_EMPTY, **_record_columns(record, record_json)}
+    return tuple(values[name] for name in columns)
 
-    def parse_batch(*columns):
-        rows = [parse_one(*args) for args in zip(*columns)]
-        return tuple(np.array([row[i] for row in rows], dtype=object if i else bool) for i in range(4))
 
-    def to_features(*columns):
-        ok, doc_id, text, record = tf.numpy_function(
-            parse_batch, list(columns), [tf.bool, tf.string, tf.string, tf.string], stateful=False)
-        for t in (ok, doc_id, text, record):
-            t.set_shape([None])
-        return {"ok": ok, "id": doc_id, "text": text, "json": record}
+def _parsed(parse_one, batch: tf.data.Dataset, columns: dict = BASE_COLUMNS) -> tf.data.Dataset:
+    """Maps `parse_one(*scalars) -> row of `columns`` over batches of records in one Python call
+    per batch, then unbatches. Ragged columns travel as flat values and row lengths."""
+    out_types = []
+    for dtype, ragged in columns.values():
+        out_types += [dtype, tf.int64] if ragged else [dtype]
+
+    def parse_batch(*inputs):
+        rows = [parse_one(*args) for args in zip(*inputs)]
+        arrays = []
+        for i, (dtype, ragged) in enumerate(columns.values()):
+            np_type = object if dtype == tf.string else dtype.as_numpy_dtype
+            if ragged:
+                arrays.append(np.array([v for row in rows for v in row[i]], dtype=np_type))
+                arrays.append(np.array([len(row[i]) for row in rows], dtype=np.int64))
+            else:
+                arrays.append(np.array([row[i] for row in rows], dtype=np_type))
+        return tuple(arrays)
+
+    def to_features(*inputs):
+        flat = iter(tf.numpy_function(parse_batch, list(inputs), out_types, stateful=False))
+        features = {}
+        for name, (_, ragged) in columns.items():
+            values = next(flat)
+            values.set_shape([None])
+            if ragged:
+                lengths = next(flat)
+                lengths.set_shape([None])
+                values = tf.RaggedTensor.from_row_lengths(values, lengths, validate=False)
+            features[name] = values
+        return features
 
     return batch.map(to_features, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
 
@@ -167,6 +219,10 @@ def _valid_only(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 class _HashSplitMixin:
     """`train` and `validation` from the same records, by hashing the document id."""
+
+    @property
+    def validation_permille(self) -> int:
+        return self._validation_permille
 
     def _split(self, ds: tf.data.Dataset, split: str) -> tf.data.Dataset:
         permille = self._validation_permille
@@ -189,18 +245,24 @@ class JsonlDataSource(_HashSplitMixin, seqio.FileDataSource):
 
     `line_filter` (raw line -> bool tensor) may drop lines before they are parsed: a cheap test
     that must only drop lines a later step would drop anyway (see scores.line_prefilter).
+    `scored`: records carry their `score` 0-5 (the score folders of data/split.py), given as a
+    feature; a record without a valid one is quarantined. Dialogue records give their turns as
+    features (see DIALOGUE_COLUMNS).
     """
 
     def __init__(self, files: Sequence[str], validation_permille: int = 20, kind: str = "text",
-                 line_filter: Callable[[tf.Tensor], tf.Tensor] | None = None):
+                 line_filter: Callable[[tf.Tensor], tf.Tensor] | None = None, scored: bool = False):
         _check_split_args(validation_permille, kind)
         self._files, self._validation_permille, self._kind = list(files), validation_permille, kind
+        self._scored = scored
+        columns = {**BASE_COLUMNS, **(SCORE_COLUMNS if scored else {}),
+                   **(DIALOGUE_COLUMNS if kind == "dialogue" else {})}
         compression = "GZIP" if all(f.endswith(".gz") for f in files) else ""
         if compression == "" and any(f.endswith(".gz") for f in files):
             raise errors.UserError("mix of gzip and plain JSONL files in one source; use one kind")
 
         def parse(line, raw, path):
-            return _as_example(parse_json_line(raw, path.decode(), int(line), kind), raw)
+            return _as_example(parse_json_line(raw, path.decode(), int(line), kind, scored), raw, columns)
 
         def read_file(path):
             lines = tf.data.TextLineDataset(path, compression_type=compression).enumerate(start=1)
@@ -208,7 +270,7 @@ class JsonlDataSource(_HashSplitMixin, seqio.FileDataSource):
                 lines = lines.filter(lambda _, raw: line_filter(raw))
             lines = lines.filter(lambda _, raw: tf.strings.regex_full_match(raw, r"\s*") == False)  # noqa: E712
             lines = lines.map(lambda line, raw: (line, raw, path)).batch(PARSE_BATCH)
-            return _parsed(parse, lines)
+            return _parsed(parse, lines, columns)
 
         super().__init__(read_file_fn=read_file,
                          split_to_filepattern={"train": list(files), "validation": list(files)})
@@ -222,7 +284,7 @@ class JsonlDataSource(_HashSplitMixin, seqio.FileDataSource):
 
     def with_line_filter(self, line_filter) -> JsonlDataSource:
         """The same files and split, with lines pre-filtered."""
-        return JsonlDataSource(self._files, self._validation_permille, self._kind, line_filter)
+        return JsonlDataSource(self._files, self._validation_permille, self._kind, line_filter, self._scored)
 
 
 def _feature_value(feature: tf.train.Feature):

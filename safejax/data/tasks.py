@@ -17,6 +17,10 @@ Mixtures `ablation_raw`, `ablation_score0`, `ablation_rephrase`, `ablation_refus
 `ablation_moral`, `ablation_tags`, `ablation_full` list their kinds in gin
 (configs/data/safety.gin), each kind with a rate. A kind whose inputs are not configured is not
 registered, and neither are the mixtures that need it; `unavailable()` says why.
+
+The score kinds (raw_tagged, score_*) read either the corpus joined with the score shards by id,
+each task reading the whole corpus to keep its range, or the corpus written once into score
+folders by `safejax data split` (data/split.py), each task reading only its own documents.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import seqio
 
 from safejax import errors
 from safejax import vocab as vocab_lib
-from safejax.data import dialogue, sources
+from safejax.data import dialogue, sources, split
 from safejax.data import scores as scores_lib
 from safejax.data import preprocessors as pre
 from safejax.safety import tagging
@@ -97,6 +101,28 @@ def _register(name: str, source: seqio.DataSource, vocabulary, document_steps: l
 
 
 _tokenize = functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)
+SCORE_RANGES = {"score_0": (0, 0), "score_1_3": (1, 3), "score_4_5": (4, 5)}
+
+
+def _score_sources(corpus: seqio.DataSource, score_files: tuple[str, ...],
+                   split_dir: str | None) -> dict[str, seqio.DataSource]:
+    """What raw_tagged and each score range read: their score folders (each record carrying its
+    score) when the corpus was split, else the whole corpus for the join, JSONL lines outside
+    the range skipped by their leading id. Folders split train/validation like the corpus."""
+    if split_dir:
+        permille = corpus.validation_permille
+
+        def folders(low, high):
+            return sources.JsonlDataSource(split.score_files(split_dir, low, high), permille, scored=True)
+
+        return {"raw_tagged": folders(0, scores_lib.NUM_SCORES - 1),
+                **{kind: folders(*bounds) for kind, bounds in SCORE_RANGES.items()}}
+    out = {"raw_tagged": corpus}
+    for kind, (low, high) in SCORE_RANGES.items():
+        out[kind] = corpus
+        if isinstance(corpus, sources.JsonlDataSource):
+            out[kind] = corpus.with_line_filter(scores_lib.line_prefilter(score_files, low, high))
+    return out
 
 
 @gin.configurable
@@ -112,6 +138,7 @@ def jsonl_lm_task(name: str = "bundled_corpus", files: Sequence[str] | None = No
 @gin.configurable
 def safety_data(corpus: seqio.DataSource | None = None,
                 scores: Sequence[str] | None = None,
+                split_dir: str | None = None,
                 rephrased: Sequence[str] | None = None,
                 refuseweb: Sequence[str] | None = None,
                 moral_education: Sequence[str] | None = None,
@@ -128,8 +155,10 @@ def safety_data(corpus: seqio.DataSource | None = None,
     """Registers every data kind whose inputs are configured, and the ablation mixtures.
 
     corpus: a source (`@jsonl_source()`, `@tfrecord_source()`, `@tfds_source()`; default the
-    bundled corpus); scores: score shard files (data/scores.py); rephrased, refuseweb,
-    moral_education: JSONL files from the synthesis step. Returns the registered names.
+    bundled corpus); scores: score shard files (data/scores.py), joined by id; split_dir: the
+    corpus in score folders (data/split.py), which the score kinds then read instead of the corpus
+    and the shards; rephrased, refuseweb, moral_education: JSONL files from the synthesis step.
+    Returns the registered names.
     """
     if not 0.0 <= tag_rate <= 1.0:
         raise errors.UserError(f"safety_data.tag_rate must be in [0, 1], got {tag_rate}")
@@ -146,21 +175,21 @@ def safety_data(corpus: seqio.DataSource | None = None,
 
     text_steps = [pre.text_to_targets, _tokenize]
     task("raw", corpus, text_steps)
-    if scores:
-        score_files = tuple(sources.expand_files(scores))
-        join = pre.join_scores(score_files, prefix + "scored", on_missing_score)
-        task("raw_tagged", corpus, [join, *text_steps, tag])
-        for kind, (low, high) in {"score_0": (0, 0), "score_1_3": (1, 3), "score_4_5": (4, 5)}.items():
-            source = corpus
-            if isinstance(corpus, sources.JsonlDataSource):
-                source = corpus.with_line_filter(scores_lib.line_prefilter(score_files, low, high))
-            task(kind, source, [join, pre.keep_scores(low, high), *text_steps])
+    if split_dir or scores:
+        score_files = () if split_dir else tuple(sources.expand_files(scores))
+        join = [pre.join_scores(score_files, prefix + "scored", on_missing_score)] if score_files else []
+        score_sources = _score_sources(corpus, score_files, split_dir)
+        task("raw_tagged", score_sources["raw_tagged"], [*join, *text_steps, tag])
+        for kind, (low, high) in SCORE_RANGES.items():
+            steps = [*join, pre.keep_scores(low, high), *text_steps]
+            task(kind, score_sources[kind], steps)
             if low > 0:
-                task(kind + "_tagged", source, [join, pre.keep_scores(low, high), *text_steps, tag])
+                task(kind + "_tagged", score_sources[kind], [*steps, tag])
     else:
         for kind in ("raw_tagged", "score_0", "score_1_3", "score_4_5", "score_1_3_tagged",
                      "score_4_5_tagged"):
-            _unavailable[prefix + kind] = "needs score shards: set safety_data.scores"
+            _unavailable[prefix + kind] = ("needs score shards or score folders: set safety_data.scores "
+                                         "or safety_data.split_dir")
     synthetic = {"rephrased": (rephrased, "text", text_steps),
                  "refuseweb": (refuseweb, "dialogue", [dialogue.format_dialogues]),
                  "moral_education": (moral_education, "text", text_steps)}
