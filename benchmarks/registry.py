@@ -6,7 +6,8 @@ import importlib
 
 from safejax import errors
 
-BENCHMARKS = {"train": "benchmarks.train", "sample": "benchmarks.sample", "data": "benchmarks.data"}
+BENCHMARKS = {"train": "benchmarks.train", "sample": "benchmarks.sample", "data": "benchmarks.data",
+              "score": "benchmarks.score"}
 
 
 def run(name: str, argv: list[str]) -> int:

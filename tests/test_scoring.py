@@ -15,24 +15,25 @@ import pytest
 from flax import nnx
 from pretrained_files import minilm_dir  # noqa: F401 (fixture)
 
-from safejax import cli, config, errors
+from safejax import cli, errors
 from safejax.data import scores
 from safejax.models.classifier import ClassifierConfig, SafetyClassifier, export
-from safejax.safety import scoring, scoring_beam
+from safejax.models.encoder import EncoderConfig
+from safejax.safety import scoring, scoring_beam, windows
 
 WORDS = "apple river window stone quiet music paper garden yellow bridge".split()
 
 
+def small_classifier(directory: str) -> str:
+    """A 1-layer random classifier (32 tokens) with the MiniLM tokenizer, exported to DIRECTORY."""
+    encoder = EncoderConfig(d_model=32, num_layers=1, num_heads=2, mlp_dim=64)
+    cfg = ClassifierConfig(encoder=encoder, seq_len=32, pretrained=False)
+    return export(nnx.state(SafetyClassifier(cfg, rngs=nnx.Rngs(0))).to_pure_dict(), cfg, directory)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, minilm_dir):  # noqa: F811
-    from safejax.train import classify  # noqa: F401 (registers the classifier's configurables)
-
-    config.parse(["classifier/minilm.gin"], [
-        "EncoderConfig.d_model = 32", "EncoderConfig.num_layers = 1", "EncoderConfig.num_heads = 2",
-        "EncoderConfig.mlp_dim = 64", "ClassifierConfig.pretrained = False", "ClassifierConfig.seq_len = 32"])
-    cfg = ClassifierConfig()
-    state = nnx.state(SafetyClassifier(cfg, rngs=nnx.Rngs(0))).to_pure_dict()
-    return export(state, cfg, str(tmp_path_factory.mktemp("classifier") / "model"))
+    return small_classifier(str(tmp_path_factory.mktemp("classifier") / "model"))
 
 
 @pytest.fixture(scope="module")
@@ -54,36 +55,56 @@ def corpus(tmp_path_factory):
 
 def test_windows_cover_the_text_with_the_requested_overlap(model_dir):
     scorer = scoring.DocumentScorer(model_dir, batch_size=8, overlap=5)
+    tokenizer = scorer._tokenizer  # noqa: SLF001
     text = " ".join(f"w{i}" for i in range(200))
-    windows = scoring.window_texts(scorer._tokenizer, text, 30, 5)  # noqa: SLF001
-    assert len(windows) > 1 and windows[0].startswith("w0 ") and windows[-1].endswith("w199")
-    tokens = [scorer._tokenizer.encode(w, add_special_tokens=False).ids for w in windows]  # noqa: SLF001
-    assert all(len(t) <= 30 for t in tokens)
-    words = [w.split() for w in windows]
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    spans = windows.window_spans(encoding.word_ids, 30, 5)
+    pieces = [text[encoding.offsets[a][0]:encoding.offsets[b - 1][1]] for a, b in spans]
+    assert len(pieces) > 1 and pieces[0].startswith("w0 ") and pieces[-1].endswith("w199")
+    assert all(b - a <= 30 for a, b in spans)
+    for (a, b), window in zip(spans, pieces):  # a span's ids are the window's own tokens
+        assert tokenizer.encode(window, add_special_tokens=False).ids == encoding.ids[a:b]
+    words = [w.split() for w in pieces]
     assert sorted({x for w in words for x in w}) == sorted(text.split())  # whole words, all of them
+    for (a, b), (c, _) in zip(spans, spans[1:]):
+        assert b - c >= 5 and c > a  # consecutive windows share at least `overlap` tokens
     for a, b in zip(words, words[1:]):
-        shared = a[a.index(b[0]):]  # consecutive windows share a run of at least `overlap` tokens
+        shared = a[a.index(b[0]):]
         assert b[:len(shared)] == shared
-        assert len(scorer._tokenizer.encode(" ".join(shared), add_special_tokens=False).ids) >= 5  # noqa: SLF001
-    assert scoring.window_texts(scorer._tokenizer, "short text", 30, 5) == ["short text"]  # noqa: SLF001
+    assert windows.window_spans(tokenizer.encode("short text", add_special_tokens=False).word_ids, 30, 5) == [(0, 2)]
+
+    ids, owner = scorer.windows(["short text", text])
+    assert owner.tolist() == [0] + [1] * (len(ids) - 1) and len(ids) > 3
+    assert ids[0] == tokenizer.encode("short text").ids  # [CLS] short text [SEP]
+    assert all(len(w) <= scorer.scorer.cfg.seq_len for w in ids)
 
 
 def test_a_document_scores_the_maximum_over_its_windows(model_dir):
     scorer = scoring.DocumentScorer(model_dir, batch_size=8, overlap=0)
+    alarm = scorer._tokenizer.token_to_id("alarm")  # noqa: SLF001
 
-    def probs(windows):  # a stand-in classifier: windows mentioning "alarm" are score 4
-        out = np.full((len(windows), 6), 0.02, np.float32)
+    def probs_ids(rows):  # a stand-in classifier: windows holding "alarm" are score 4
+        out = np.full((len(rows), 6), 0.02, np.float32)
         out[:, 0] = 0.9
-        for i, w in enumerate(windows):
-            if "alarm" in w:
+        for i, w in enumerate(rows):
+            if alarm in w:
                 out[i] = [0.05, 0.05, 0.05, 0.05, 0.75, 0.05]
         return out
 
-    scorer.scorer.probs = probs
+    scorer.scorer.probs_ids = probs_ids
     long_text = " ".join(["calm"] * 100 + ["alarm"] + ["calm"] * 100)
     (safe, _, n1), (unsafe, p, n2) = scorer.score(["calm calm", long_text])
     assert (safe, n1) == (0, 1)
     assert unsafe == 4 and n2 > 3 and p[4] == pytest.approx(0.75)
+
+
+def test_windows_score_as_their_texts_do(model_dir):
+    scorer = scoring.DocumentScorer(model_dir, batch_size=8, overlap=8)
+    texts = [" ".join(random.Random(k).choice(WORDS) for _ in range(n)) for k, n in enumerate([3, 40, 90])]
+    ids, owner = scorer.windows(texts)
+    as_text = [scorer._tokenizer.decode(w) for w in ids]  # noqa: SLF001
+    np.testing.assert_allclose(scorer.scorer.probs_ids(ids), scorer.scorer.probs(as_text), atol=1e-6)
+    assert [n for _, _, n in scorer.score(texts)] == np.bincount(owner).tolist()
 
 
 def _shards(directory):

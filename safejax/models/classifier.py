@@ -8,6 +8,7 @@ and the evaluation use it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -108,9 +109,13 @@ def read_export_config(directory: str) -> ClassifierConfig:
 class Scorer:
     """Probabilities over the 6 scores for batches of texts, from an exported classifier.
 
-    Batches are padded to `batch_size` rows (one compilation) and sharded over every device of
-    the mesh's batch axes; parameters are replicated (the encoder is small).
+    Batches are padded to `batch_size` rows (one compilation per bucket) and sharded over every
+    device of the mesh's batch axes, and so are the results (no collective: in-flight batches
+    with a cross-device gather can deadlock XLA:CPU's simulated devices); parameters are
+    replicated (the encoder is small).
     """
+
+    IN_FLIGHT = 4
 
     def __init__(self, directory: str, *, batch_size: int = 32, mesh=None):
         import orbax.checkpoint as ocp
@@ -134,7 +139,7 @@ class Scorer:
                                    f"{' '.join(str(e).split())[:300]}") from e
         self._batch = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
         self._probs = jax.jit(self._forward, in_shardings=(replicated, self._batch, self._batch),
-                              out_shardings=replicated)
+                              out_shardings=self._batch)
 
     def _forward(self, params, tokens, mask):
         model = nnx.merge(self.graphdef, params)
@@ -147,22 +152,43 @@ class Scorer:
             sizes.append(sizes[-1] * 2)
         return [b for b in sizes if b < self.cfg.seq_len] + [self.cfg.seq_len]
 
-    def probs(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), num_classes) float32 probabilities.
+    def compile(self) -> None:
+        """Compiles every bucket now (a benchmark times scoring, not compilation)."""
+        for width in self.buckets():
+            rows = np.ones((self.batch_size, width), np.int32)
+            jax.block_until_ready(self._probs(self.params, rows, rows))
 
-        Texts are sorted by token length and each batch padded only to the smallest bucket that
-        holds it, so short texts (most of them) cost a fraction of a full-length forward pass.
+    def probs(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), num_classes) float32 probabilities; texts longer than seq_len are truncated."""
+        return self.probs_ids([e.ids for e in self.tokenizer.encode_batch(list(texts))])
+
+    def probs_ids(self, rows: list[list[int]]) -> np.ndarray:
+        """(len(rows), num_classes) float32 probabilities of token id rows (special tokens
+        included, at most seq_len each).
+
+        Rows are sorted by length and each batch padded only to the smallest bucket that holds
+        it, so short rows cost a fraction of a full-length forward pass. Up to IN_FLIGHT batches
+        are dispatched before the oldest result is read, so the host prepares the next batches
+        while the devices compute.
         """
-        tokens, mask = enc.tokenize(self.tokenizer, list(texts), self.cfg.seq_len)
-        lengths = mask.sum(1)
+        lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+        if len(rows) and lengths.max() > self.cfg.seq_len:
+            raise ValueError(f"a row of {lengths.max()} tokens is longer than seq_len={self.cfg.seq_len}")
         order = np.argsort(lengths, kind="stable")
-        out = np.zeros((len(texts), self.cfg.num_classes), np.float32)
         buckets = self.buckets()
-        for start in range(0, len(texts), self.batch_size):
+        out = np.zeros((len(rows), self.cfg.num_classes), np.float32)
+        pending = collections.deque()
+        for start in range(0, len(rows), self.batch_size):
             idx = order[start:start + self.batch_size]
-            width = next(b for b in buckets if b >= lengths[idx].max())
-            rows = np.zeros((self.batch_size, width), np.int32)
-            rows[:len(idx)] = tokens[idx, :width]
-            rows[len(idx):, 0] = tokens[idx[0], 0]  # filler rows: one real token, never all padding
-            out[idx] = np.asarray(self._probs(self.params, rows, (rows != 0).astype(np.int32)))[:len(idx)]
+            width = next(b for b in buckets if b >= lengths[idx[-1]])
+            tokens = np.zeros((self.batch_size, width), np.int32)
+            for row, k in enumerate(idx):
+                tokens[row, :lengths[k]] = rows[k]
+            tokens[len(idx):, 0] = tokens[0, 0]  # filler rows: one real token, never all padding
+            pending.append((idx, self._probs(self.params, tokens, (tokens != 0).astype(np.int32))))
+            if len(pending) > self.IN_FLIGHT:
+                idx, probs = pending.popleft()
+                out[idx] = np.asarray(probs)[:len(idx)]
+        for idx, probs in pending:
+            out[idx] = np.asarray(probs)[:len(idx)]
         return out

@@ -25,35 +25,20 @@ from safejax import errors
 from safejax.data import scores as scores_lib
 from safejax.data import sources
 from safejax.data.quarantine import QUARANTINE
+from safejax.safety.windows import document_scores, window_spans
 
 MANIFEST = "manifest.json"
 
 
-def window_texts(tokenizer, text: str, window: int, overlap: int) -> list[str]:
-    """The text cut at word boundaries into spans of at most `window` tokens, each starting at
-    least `overlap` tokens before the previous one ends (a word longer than a window is cut)."""
-    encoding = tokenizer.encode(text, add_special_tokens=False)
-    offsets, words = encoding.offsets, encoding.word_ids
-    n = len(offsets)
-    if n <= window:
-        return [text]
-
-    def word_start(i: int) -> int:  # the first token of the word holding token i
-        while 0 < i and words[i] is not None and words[i - 1] == words[i]:
-            i -= 1
-        return i
-
-    spans, start = [], 0
-    while True:
-        end = n if start + window >= n else max(word_start(start + window), start + 1)
-        spans.append(text[offsets[start][0]:offsets[end - 1][1]])
-        if end == n:
-            return spans
-        start = max(word_start(max(end - overlap, 0)), start + 1)
+DOCS_PER_CALL = 256  # documents windowed and scored together (their windows sorted by length)
 
 
 class DocumentScorer:
-    """Scores whole documents with a classifier export (the `model/` folder of a training run)."""
+    """Scores whole documents with a classifier export (the `model/` folder of a training run).
+
+    Each document is tokenized once (in parallel, by the Rust tokenizer); its windows are slices
+    of those ids between the encoder's special tokens, so no window is tokenized again.
+    """
 
     def __init__(self, checkpoint: str, *, batch_size: int = 64, overlap: int = 32):
         import tokenizers
@@ -67,23 +52,32 @@ class DocumentScorer:
         self.overlap = overlap
         self._tokenizer = tokenizers.Tokenizer.from_str(self.scorer.tokenizer.to_str())
         self._tokenizer.no_truncation()
+        self._prefix, self._suffix = _special_tokens(self._tokenizer)
+        if len(self._prefix) + len(self._suffix) != 2:
+            raise errors.UserError(f"the classifier's tokenizer adds {self._prefix + self._suffix} around "
+                                   f"a text; scoring expects a BERT-style [CLS] ... [SEP]")
+
+    def windows(self, texts: Sequence[str]) -> tuple[list[list[int]], np.ndarray]:
+        """Token ids of every window, special tokens included, and the index of its text."""
+        windows, owner = [], []
+        for i, encoding in enumerate(self._tokenizer.encode_batch(list(texts), add_special_tokens=False)):
+            ids = encoding.ids
+            for start, end in window_spans(encoding.word_ids, self.window, self.overlap):
+                windows.append(self._prefix + ids[start:end] + self._suffix)
+                owner.append(i)
+        return windows, np.asarray(owner, np.int64)
 
     def score(self, texts: Sequence[str]) -> list[tuple[int, np.ndarray, int]]:
         """(score, probs of the deciding window, number of windows) per text."""
-        windows, owner = [], []
-        for i, text in enumerate(texts):
-            pieces = window_texts(self._tokenizer, text, self.window, self.overlap)
-            windows += pieces
-            owner += [i] * len(pieces)
-        probs = self.scorer.probs(windows)
-        owner = np.asarray(owner)
-        results = []
-        for i in range(len(texts)):
-            mine = probs[owner == i]
-            labels = mine.argmax(axis=1)
-            best = int(np.lexsort((mine[np.arange(len(mine)), labels], labels))[-1])
-            results.append((int(labels[best]), mine[best], len(mine)))
-        return results
+        windows, owner = self.windows(texts)
+        return document_scores(self.scorer.probs_ids(windows), owner, len(texts))
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer's template puts before and after a text."""
+    encoding = tokenizer.encode("a", add_special_tokens=True)
+    body = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
+    return encoding.ids[:body[0]], encoding.ids[body[-1] + 1:]
 
 
 def _model_dir(checkpoint: str) -> str:
@@ -109,7 +103,7 @@ def _batches(records: Iterator[dict], size: int) -> Iterator[list[dict]]:
 
 
 def score_shard(scorer: DocumentScorer, index: int, path: str, output_dir: str,
-                progress: tqdm.tqdm | None = None, docs_per_batch: int = 256) -> int:
+                progress: tqdm.tqdm | None = None, docs_per_batch: int = DOCS_PER_CALL) -> int:
     """Scores one input file into its shard (unless it exists); returns documents scored."""
     target = os.path.join(output_dir, shard_name(index, path))
     if tf.io.gfile.exists(target):

@@ -1,0 +1,98 @@
+"""Scoring throughput: documents, windows and tokens per second of the safety classifier over the
+bundled corpus, through `safejax score`'s own code (safety/scoring.DocumentScorer).
+
+    safejax bench score [--checkpoint DIR] [--docs N] [--batch 32] [--overlap 32] [--warmup 16]
+
+The timed part is what scoring does after loading the model: tokenize each document, cut it into
+overlapping windows of the classifier's length, run the length-bucketed jit batches (sharded over
+the devices), and take the maximum over each document's windows, DOCS_PER_CALL documents at a
+time. Loading and compilation are not timed: every bucket is compiled and --warmup documents are
+scored first. `tokens_per_sec` counts encoder tokens: those of every window including its [CLS]
+and [SEP], not padding.
+
+Without --checkpoint the classifier is the pretrained all-MiniLM-L6-v2 encoder of
+configs/classifier/minilm.gin (64 tokens) with a seeded random 6-way head, exported the way
+`safejax classifier-train` exports a trained one; throughput does not depend on the head's values.
+--docs N takes documents i * total // N (i < N) of the corpus in file order, a spread over every
+source. `windows_sha1` digests the windows' token ids, so a run of benchmarks/hf_score.py (the
+Hugging Face transformers peer, see benchmarks/PEERS.md) can show it scored the same windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from safejax import config
+from safejax.data import sources
+from safejax.models.classifier import ClassifierConfig, SafetyClassifier, export
+from safejax.safety import scoring
+
+
+def corpus_texts(docs: int | None) -> list[str]:
+    """The bundled corpus in file order, or `docs` documents spread evenly over it."""
+    texts = [r["text"] for r in sources.iter_records(sources.bundled_corpus_files())]
+    if docs is None or docs >= len(texts):
+        return texts
+    return [texts[i * len(texts) // docs] for i in range(docs)]
+
+
+def export_minilm(directory: str) -> str:
+    """Pretrained MiniLM + a random head (seed 0), exported like a trained classifier."""
+    from safejax.train import classify  # noqa: F401 (registers the configurables the gin file binds)
+
+    config.parse(["classifier/minilm.gin"], [])
+    cfg = ClassifierConfig()
+    state = nnx.state(SafetyClassifier(cfg, rngs=nnx.Rngs(0))).to_pure_dict()
+    return export(jax.device_get(state), cfg, os.path.join(directory, "model"))
+
+
+def windows_digest(windows: list[list[int]]) -> str:
+    digest = hashlib.sha1()
+    for ids in windows:
+        digest.update(np.asarray(ids, np.int32).tobytes() + b"|")
+    return digest.hexdigest()
+
+
+def score_all(scorer: scoring.DocumentScorer, texts: list[str]) -> list:
+    step = scoring.DOCS_PER_CALL
+    return [r for i in range(0, len(texts), step) for r in scorer.score(texts[i:i + step])]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="safejax bench score", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="a classifier export (a training run's model/ folder)")
+    parser.add_argument("--docs", type=int, help="score this many documents (default: all)")
+    parser.add_argument("--batch", type=int, default=32, help="windows per classifier call")
+    parser.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive windows")
+    parser.add_argument("--warmup", type=int, default=16, help="documents scored before timing")
+    args = parser.parse_args(argv)
+    texts = corpus_texts(args.docs)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.checkpoint or export_minilm(tmp)
+        scorer = scoring.DocumentScorer(model_dir, batch_size=args.batch, overlap=args.overlap)
+        scorer.scorer.compile()
+        score_all(scorer, texts[:args.warmup])
+        start = time.perf_counter()
+        score_all(scorer, texts)
+        seconds = time.perf_counter() - start
+    windows, _ = scorer.windows(texts)
+    lengths = np.array([len(w) for w in windows])
+    result = {"docs_per_sec": round(len(texts) / seconds, 2), "tokens_per_sec": round(lengths.sum() / seconds, 1),
+              "windows_per_sec": round(len(windows) / seconds, 1), "seconds": round(seconds, 3),
+              "docs": len(texts), "windows": len(windows), "tokens": int(lengths.sum()),
+              "batch": args.batch, "seq_len": scorer.scorer.cfg.seq_len, "overlap": args.overlap,
+              "model": args.checkpoint or "all-MiniLM-L6-v2 + random head", "windows_sha1": windows_digest(windows),
+              "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+              "load_avg_1m_before": round(load_before, 2), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    print(json.dumps(result), flush=True)
+    return 0
