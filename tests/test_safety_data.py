@@ -378,3 +378,10 @@ def test_split_of_unscored_documents_is_an_error_or_skipped_and_counted(tmp_path
 def test_a_split_dir_without_a_manifest_is_a_clear_error(safety, tmp_path):
     with pytest.raises(errors.UserError, match="safejax data split"):
         safety(f"SPLIT_DIR = {str(tmp_path)!r}")
+
+
+def test_shuffle_buffers_scale_with_the_mixing_rates(safety):
+    safety("safety_data.shuffle_buffer_size = 1024")
+    sizes = {k: seqio.get_mixture_or_task(k).shuffle_buffer_size
+             for k in ("raw", "score_0", "rephrased", "refuseweb", "score_1_3_tagged")}
+    assert sizes == {"raw": 1024, "score_0": 1024, "rephrased": 205, "refuseweb": 64, "score_1_3_tagged": 102}

@@ -101,6 +101,7 @@ def _register(name: str, source: seqio.DataSource, vocabulary, document_steps: l
 
 
 _tokenize = functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)
+MIN_SHUFFLE_BUFFER = 64  # chunks; split_into_chunks already interleaves 64 documents
 SCORE_RANGES = {"score_0": (0, 0), "score_1_3": (1, 3), "score_4_5": (4, 5)}
 
 
@@ -157,8 +158,9 @@ def safety_data(corpus: seqio.DataSource | None = None,
     corpus: a source (`@jsonl_source()`, `@tfrecord_source()`, `@tfds_source()`; default the
     bundled corpus); scores: score shard files (data/scores.py), joined by id; split_dir: the
     corpus in score folders (data/split.py), which the score kinds then read instead of the corpus
-    and the shards; rephrased, refuseweb, moral_education: JSONL files from the synthesis step.
-    Returns the registered names.
+    and the shards; rephrased, refuseweb, moral_education: JSONL files from the synthesis step;
+    shuffle_buffer_size: chunks buffered by the kinds of the largest rate, the others' buffers
+    scaled down by their rate (at least 64). Returns the registered names.
     """
     if not 0.0 <= tag_rate <= 1.0:
         raise errors.UserError(f"safety_data.tag_rate must be in [0, 1], got {tag_rate}")
@@ -169,9 +171,17 @@ def safety_data(corpus: seqio.DataSource | None = None,
     _unavailable.clear()
     registered = []
 
+    rates = dict(rates or {})
+    top_rate = max(rates.values(), default=0.0)
+
     def task(kind: str, source, steps: list) -> None:
+        # A kind's buffer scales with its rate, so that each spans about the same stretch of the
+        # mixed stream: a full buffer for a kind drawn 1 time in 30 would fill (at start, before
+        # the first batch) 30 times the chunks it needs.
+        share = rates.get(kind, top_rate) / top_rate if top_rate > 0 else 1.0
+        buffer = max(MIN_SHUFFLE_BUFFER, round(shuffle_buffer_size * share))
         registered.append(_register(prefix + kind, source, vocabulary,
-                                    [pre.mark_kind(kind), *steps], shuffle_buffer_size))
+                                    [pre.mark_kind(kind), *steps], min(buffer, shuffle_buffer_size)))
 
     text_steps = [pre.text_to_targets, _tokenize]
     task("raw", corpus, text_steps)
@@ -200,7 +210,6 @@ def safety_data(corpus: seqio.DataSource | None = None,
         else:
             _unavailable[prefix + kind] = f"needs the synthesis step's records: set safety_data.{kind}"
 
-    rates = dict(rates or {})
     for mixture, kinds in ablations.items():
         missing = [prefix + k for k in kinds if prefix + k not in registered]
         if missing:
