@@ -16,7 +16,7 @@ dialogues (RefuseWeb). Throughput does not depend on which documents are unsafe,
 many, and the tag rate is measured on real corpus text.
 
 Throughput is the steady state: tokens over --batches batches after --warmup batches, a window
-(6.5M tokens by default) spanning more than two epochs of the bundled corpus (2.6M tokens), so
+(6.5M tokens by default) spanning more than two epochs of the bundled corpus (2.9M tokens in training), so
 that both streams pay their epoch restarts (each score kind holds a fraction of the corpus and
 restarts more often: on a small corpus a short window would count that against the mixture
 alone). The time to the first batch, when every task's shuffle buffer fills, is reported apart
