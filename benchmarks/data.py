@@ -16,13 +16,13 @@ dialogues (RefuseWeb). Throughput does not depend on which documents are unsafe,
 many, and the tag rate is measured on real corpus text.
 
 Throughput is the steady state: tokens over --batches batches after --warmup batches, a window
-(6.5M tokens by default) spanning more than two epochs of the bundled corpus (2.9M tokens in training), so
-that both streams pay their epoch restarts (each score kind holds a fraction of the corpus and
-restarts more often: on a small corpus a short window would count that against the mixture
-alone). The time to the first batch, when every task's shuffle buffer fills, is reported apart
-(`*_first_batch_s`); the trainer overlaps it with compiling the step. On a shared machine wall
-time favours the pipeline with more threads (it wins more of the cores), so the CPU time of the
-whole process per token is reported too, and `cpu_raw_over_safety` is the ratio in CPU time.
+(6.5M tokens by default) spanning more than two epochs of the bundled corpus (2.9M tokens in
+training), so that both streams pay their epoch restarts (each score kind holds a fraction of
+the corpus and restarts more often: on a small corpus a short window would count that against
+the mixture alone). The time to the first batch, when every task's shuffle buffer fills, is
+reported apart (`*_first_batch_s`); the trainer overlaps it with compiling the step. On a shared
+machine wall time favours the pipeline with more threads (it wins more of the cores), so the CPU
+time of the whole process per token is reported too; `cpu_raw_over_safety` is the ratio in CPU.
 
 With --cached both are also measured from the Beam job's cache (data/beam_cache.py), the path
 for a large corpus: the per-document steps run once, offline, and training reads tokens.
