@@ -78,19 +78,32 @@ def positions(pad: jax.Array, index, t: int, tree: bool = False) -> jax.Array:
     return jnp.maximum(index + offsets[None, :] - pad[:, None], 0)
 
 
-def take_rows(cache, rows: jax.Array):
-    """The cache of the given rows (beam reordering)."""
-    return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
+def take_rows(cache, rows: jax.Array, index=None, choice: jax.Array | None = None):
+    """The cache of the given rows (beam reordering). With `choice`, row r also commits its
+    candidate choice[r] of a tree step (see `commit`), read from source row rows[r]: one pass
+    over the cache instead of a reorder and a commit."""
+    def take(x):
+        out = jnp.take(x, rows, axis=0)
+        return out if choice is None else _put_column(out, _candidate_column(x, rows, index, choice), index)
+    return jax.tree.map(take, cache)
 
 
 def commit(cache, index, choice: jax.Array):
     """After a tree step, keeps candidate choice[b] of each row: its K/V (column index + choice)
     moves to column `index`, where the next step expects the previous token."""
-    def move(x):
-        src = (index + choice).reshape(-1, *([1] * (x.ndim - 1)))
-        column = jnp.take_along_axis(x, jnp.broadcast_to(src, (*x.shape[:2], 1, *x.shape[3:])), axis=2)
-        return jax.lax.dynamic_update_slice_in_dim(x, column, index, axis=2)
-    return jax.tree.map(move, cache)
+    rows = jnp.arange(choice.shape[0])
+    return jax.tree.map(lambda x: _put_column(x, _candidate_column(x, rows, index, choice), index), cache)
+
+
+def _candidate_column(x, rows, index, choice):
+    """Column index + choice[r] of row rows[r], (r, x.shape[1], 1, ...), as a small gather: a
+    take_along_axis over the column axis fused with the row reorder into one per-element loop
+    on XLA:CPU that cost Safe Beam ~12% more CPU time a step."""
+    return x[rows, :, index + choice][:, :, None]
+
+
+def _put_column(x, column, index):
+    return jax.lax.dynamic_update_slice_in_dim(x, column.astype(x.dtype), index, axis=2)
 
 
 def left_pad(prompts: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -114,15 +114,15 @@ class BeamSearcher:
         s, alive_pick = self._select(s, vals, parent, token, keep, settings, static)
         # Reorder the caches (and logits) to the new beams, then feed their last token.
         rows = (jnp.arange(b)[:, None] * k + jnp.take_along_axis(parent, alive_pick, axis=1)).reshape(-1)
-        cache = lm_lib.take_rows(s["cache"], rows)
         if choice is None:
+            cache = lm_lib.take_rows(s["cache"], rows)
             last = jnp.take_along_axis(token, alive_pick, axis=1).reshape(-1, 1)
             logits, cache = self.lm.forward(params, last, lm_lib.positions(s["pad"], s["index"], 1), cache,
                                             s["index"], lm_lib.attend_mask(s["pad"], s["index"], 1, cache_length(s)))
             logits = logits[:, 0]
         else:
             picked = jnp.take_along_axis(choice, alive_pick, axis=1).reshape(-1)
-            cache = lm_lib.commit(cache, s["index"], picked)
+            cache = lm_lib.take_rows(s["cache"], rows, s["index"], picked)
             logits = jnp.take_along_axis(lookahead, alive_pick[..., None], axis=1).reshape(b * k, vocab)
         return {**s, "cache": cache, "logits": logits, "index": s["index"] + 1, "step": s["step"] + 1}
 
