@@ -8,7 +8,8 @@ overlapping windows of the classifier's length, run the length-bucketed jit batc
 the devices), and take the maximum over each document's windows, DOCS_PER_CALL documents at a
 time. Loading and compilation are not timed: every bucket is compiled and --warmup documents are
 scored first. `tokens_per_sec` counts encoder tokens: those of every window including its [CLS]
-and [SEP], not padding.
+and [SEP], not padding. `cpu_seconds` is the process CPU time of the timed part (all threads), a
+check on a machine shared with other jobs.
 
 Without --checkpoint the classifier is the pretrained all-MiniLM-L6-v2 encoder of
 configs/classifier/minilm.gin (64 tokens) with a seeded random 6-way head, exported the way
@@ -82,13 +83,14 @@ def main(argv: list[str]) -> int:
         scorer = scoring.DocumentScorer(model_dir, batch_size=args.batch, overlap=args.overlap)
         scorer.scorer.compile()
         score_all(scorer, texts[:args.warmup])
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         score_all(scorer, texts)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     windows, _ = scorer.windows(texts)
     lengths = np.array([len(w) for w in windows])
     result = {"docs_per_sec": round(len(texts) / seconds, 2), "tokens_per_sec": round(lengths.sum() / seconds, 1),
               "windows_per_sec": round(len(windows) / seconds, 1), "seconds": round(seconds, 3),
+              "cpu_seconds": round(cpu, 3),
               "docs": len(texts), "windows": len(windows), "tokens": int(lengths.sum()),
               "batch": args.batch, "seq_len": scorer.scorer.cfg.seq_len, "overlap": args.overlap,
               "model": args.checkpoint or "all-MiniLM-L6-v2 + random head", "windows_sha1": windows_digest(windows),
