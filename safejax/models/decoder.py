@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from safejax import errors
-from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU, attention_bias
+from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -81,8 +81,8 @@ class DecoderBlock(nnx.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, dtype=dt,
                           param_dtype=pdt, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, bias)
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
         return x + self.mlp(self.mlp_norm(x))
 
     def decode(self, x, positions, bias, cache, index):
@@ -110,10 +110,9 @@ class Decoder(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        bias = attention_bias(segment_ids)
         x = self.embed(tokens)
         for block in self.blocks:
-            x = self._run_block(block, x, positions, bias)
+            x = self._run_block(block, x, positions, segment_ids)
         return self._logits(x)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: list[dict], index: jax.Array,
@@ -137,11 +136,11 @@ class Decoder(nnx.Module):
         head = self.embed if self.lm_head is None else self.lm_head
         return head.attend(x)
 
-    def _run_block(self, block, x, positions, bias):
+    def _run_block(self, block, x, positions, segment_ids):
         if self.cfg.remat == "none":
-            return block(x, positions, bias)
+            return block(x, positions, segment_ids)
         policy = REMAT_POLICIES[self.cfg.remat]
-        return nnx.remat(lambda b, *args: b(*args), policy=policy)(block, x, positions, bias)
+        return nnx.remat(lambda b, *args: b(*args), policy=policy)(block, x, positions, segment_ids)
 
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int) -> list[dict]:

@@ -10,6 +10,7 @@ mixed precision without a separate master copy.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -87,38 +88,93 @@ def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_bias(segment_ids: jax.Array) -> jax.Array:
-    """Additive causal mask that also keeps tokens of one packed document from seeing another's.
+def causal_attention(q, k, v, segment_ids, query_block: int, dtype) -> jax.Array:
+    """Causal softmax attention within packed documents, for training.
 
-    segment_ids: (batch, length), 0 for padding. Returns float32 (batch, 1, length, length):
-    0 where a query may attend, -1e30 elsewhere. An additive mask is one fused add, cheaper than a
-    select in the backward pass; -1e30 rather than the float32 minimum so that adding a negative
-    score cannot overflow to -inf (a padding row, every key masked, would then give NaN).
-    Built once per forward pass and shared by all layers.
+    q: (b, kv, g, t, h), pre-scaled; k, v: (b, kv, t, h); segment_ids: (b, t), 0 for padding.
+    A query sees the keys of its own segment up to itself (a padding token sees padding only,
+    so no row is empty). Queries go by blocks of `query_block` that each score only the keys up
+    to their end ((n + 1) / 2n of the score matrix for n blocks; 0: one block).
+
+    Flash-style, with a hand-written backward pass (custom VJP): the mask is computed inside the
+    score fusion from positions and segment ids (no (b, t, t) bias array to read), the output is
+    normalised after the value product, and only the log-sum-exp per query is kept; the backward
+    pass recomputes the probabilities from the scores instead of storing them. On the CPU the
+    score-sized arrays cost memory traffic, not FLOPs, so fewer passes over them is the win.
     """
-    length = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
-    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-    not_pad = (segment_ids != 0)[:, :, None]
-    allowed = (causal[None] & same_doc & not_pad)[:, None]
-    return jnp.where(allowed, 0.0, -1e30).astype(jnp.float32)
+    b, kv, g, t, h = q.shape
+    out = _flash(q.reshape(b * kv, g, t, h), k.reshape(b * kv, t, h), v.reshape(b * kv, t, h),
+                 jnp.repeat(segment_ids, kv, axis=0), query_block, jnp.dtype(dtype))
+    return out.reshape(b, kv, g, t, h)
 
 
-def causal_attention(q, k, v, bias, query_block: int, dtype) -> jax.Array:
-    """Softmax attention, by blocks of queries that each see only the keys up to their end.
-
-    q: (b, kv, g, t, h), pre-scaled; k, v: (b, kv, s, h); bias: from `attention_bias`.
-    Keys after a query block's last position are all masked for it, so they are never computed:
-    with n blocks that is (n + 1) / 2n of the full score matrix. query_block 0 means one block.
-    """
-    t = q.shape[3]
+def _query_blocks(t: int, query_block: int) -> list[tuple[int, int]]:
     block = query_block if 0 < query_block < t else t
-    outputs = []
-    for start in range(0, t, block):
-        end = min(start + block, t)
-        outputs.append(attend(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end],
-                              bias[:, :, start:end, :end], dtype))
-    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=3)
+    return [(start, min(start + block, t)) for start in range(0, t, block)]
+
+
+def _block_scores(q, k, segments, start: int, end: int) -> jax.Array:
+    """fp32 scores (z, g, end - start, end) of queries start..end-1 over keys 0..end-1, masked
+    with -1e30 (finite, so a max over them stays finite); the mask is built in the same fusion."""
+    s = jnp.einsum("zgth,zsh->zgts", q[:, :, start:end], k[:, :end], preferred_element_type=jnp.float32)
+    q_pos = start + jax.lax.broadcasted_iota(jnp.int32, (end - start, end), 0)
+    k_pos = jax.lax.broadcasted_iota(jnp.int32, (end - start, end), 1)
+    allowed = (q_pos >= k_pos) & (segments[:, start:end, None] == segments[:, None, :end])
+    return jnp.where(allowed[:, None], s, -1e30)
+
+
+def _concat_blocks(blocks):
+    return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=2)
+
+
+def _attention_fwd(q, k, v, segments, query_block, dtype):
+    """Output (z, g, t, h) and log-sum-exp (z, g, t, 1)."""
+    outs, lses = [], []
+    for start, end in _query_blocks(q.shape[2], query_block):
+        s = _block_scores(q, k, segments, start, end)
+        peak = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - peak)
+        total = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("zgts,zsh->zgth", p.astype(dtype), v[:, :end], preferred_element_type=jnp.float32)
+        outs.append((o / total).astype(dtype))  # normalised on (t, h), not on (t, s)
+        lses.append(peak + jnp.log(total))
+    return _concat_blocks(outs), _concat_blocks(lses)
+
+
+def _attention_bwd(q, k, v, segments, out, lse, d_out, query_block, dtype):
+    """Gradients of q, k, v, the probabilities recomputed from the scores and the log-sum-exp."""
+    f32 = jnp.float32
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # (z, g, t, 1)
+    dq_blocks, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+    for start, end in _query_blocks(q.shape[2], query_block):
+        p = jnp.exp(_block_scores(q, k, segments, start, end) - lse[:, :, start:end])
+        do = d_out[:, :, start:end]
+        dp = jnp.einsum("zgth,zsh->zgts", do, v[:, :end], preferred_element_type=f32)
+        ds = (p * (dp - delta[:, :, start:end])).astype(dtype)
+        dq_blocks.append(jnp.einsum("zgts,zsh->zgth", ds, k[:, :end], preferred_element_type=f32))
+        dk = dk.at[:, :end].add(jnp.einsum("zgts,zgth->zsh", ds, q[:, :, start:end], preferred_element_type=f32))
+        dv = dv.at[:, :end].add(jnp.einsum("zgts,zgth->zsh", p.astype(dtype), do, preferred_element_type=f32))
+    return _concat_blocks(dq_blocks), dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, segments, query_block, dtype):
+    """Attention over (batch row, K/V head) pairs z: q (z, g, t, h), k, v (z, t, h), segments (z, t)."""
+    return _flash_fwd(q, k, v, segments, query_block, dtype)[0]
+
+
+def _flash_fwd(q, k, v, segments, query_block, dtype):
+    out, lse = _attention_fwd(q, k, v, segments, query_block, dtype)
+    return out, (q, k, v, segments, out, lse)
+
+
+def _flash_bwd(query_block, dtype, residuals, d_out):
+    q, k, v, segments, out, lse = residuals
+    dq, dk, dv = _attention_bwd(q, k, v, segments, out, lse, d_out, query_block, dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attend(q, k, v, bias, dtype) -> jax.Array:
@@ -152,9 +208,9 @@ class Attention(nnx.Module):
         self.query_block = query_block
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, positions: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
         q, k, v = self._project(x, positions)
-        return self._output(causal_attention(q, k, v, bias, self.query_block, self.dtype))
+        return self._output(causal_attention(q, k, v, segment_ids, self.query_block, self.dtype))
 
     def decode(self, x: jax.Array, positions: jax.Array, bias: jax.Array, cache: dict,
                index: jax.Array) -> tuple[jax.Array, dict]:

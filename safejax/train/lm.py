@@ -24,6 +24,34 @@ FEATURES = {
 }
 
 
+@jax.custom_vjp
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token -log softmax(logits)[target], for fp32 logits (..., vocab) and int targets (...).
+
+    By hand rather than through log_softmax and take_along_axis: the forward keeps only the
+    log-sum-exp per token, and the backward is one fused pass, softmax - one_hot, over the
+    (tokens x vocab) logits, where autodiff writes a broadcast one-hot gradient and re-reads the
+    logits several times.
+    """
+    return _cross_entropy_fwd(logits, targets)[0]
+
+
+def _cross_entropy_fwd(logits, targets):
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    lse = jnp.log(jnp.sum(jnp.exp(logits - peak), axis=-1, keepdims=True)) + peak
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)
+    return (lse - target_logit)[..., 0], (logits, targets, lse)
+
+
+def _cross_entropy_bwd(residuals, grad):
+    logits, targets, lse = residuals
+    one_hot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+    return (jnp.exp(logits - lse) - one_hot) * grad[..., None], None
+
+
+cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class LanguageModelObjective:
     model: DecoderConfig
@@ -38,10 +66,8 @@ class LanguageModelObjective:
         """Summed token cross-entropy and the summed weights (the caller divides, so that
         gradient accumulation over microbatches equals one big batch exactly)."""
         logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        token_ll = jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
         weights = batch["weights"].astype(jnp.float32)
-        return -(token_ll * weights).sum(), weights.sum()
+        return (cross_entropy(logits.astype(jnp.float32), batch["targets"]) * weights).sum(), weights.sum()
 
     def batch_features(self) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
         """Per-example shape and dtype of each batch feature the loss reads."""
