@@ -137,3 +137,19 @@ def test_cli_eval_and_its_errors(trained, tmp_path, capsys):
     bindings = [f"--gin.{b.replace(' = ', '=')}" for b in SMALL]
     assert cli.main(["classifier-train", "--workdir", workdir, *bindings, "--gin.EncoderConfig.mlp_dim=128"]) == 2
     assert "incompatible model" in capsys.readouterr().err
+
+
+def test_equal_precision_point_is_set_on_calibration_labels_only():
+    from safejax.safety import classifier_eval
+
+    rng = np.random.default_rng(0)
+    cal_true = np.repeat([0, 3], 100)
+    p_unsafe = np.concatenate([np.linspace(0.0, 0.6, 100), np.linspace(0.4, 1.0, 100)])
+    cal_probs = np.stack([1 - p_unsafe, *np.zeros((2, 200)), p_unsafe, *np.zeros((2, 200))], -1)
+    baseline = np.where(rng.random(200) < 0.5, 3, 0) * (cal_true > 0)  # precision 1.0, recall ~0.5
+    point = classifier_eval.equal_precision_point(cal_true, cal_probs, baseline, cal_true[::-1], cal_probs, k=1)
+    assert point["baseline_precision_on_calibration"] == 1.0
+    assert 0.6 < point["threshold"] <= 0.61  # the lowest threshold above every safe example
+    assert point["recall"] == 0.0 and point["precision"] == 0.0  # scored against the other labels
+    never = classifier_eval.equal_precision_point(cal_true, cal_probs[::-1], baseline, cal_true, cal_probs, k=3)
+    assert never["threshold"] is None and "recall" not in never

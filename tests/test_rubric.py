@@ -7,6 +7,7 @@ checked by counts only (its text is offensive and never printed).
 import gzip
 import json
 
+import gin
 import pytest
 
 from safejax import errors
@@ -119,6 +120,7 @@ def test_split_is_deterministic_by_text_and_keeps_duplicates_together():
 
 
 def test_bundled_data_counts_and_capping():
+    gin.clear_config()  # the bundled defaults, not what an earlier test bound
     splits, result = labeled.load(labeled.LabeledDataConfig())
     counts = result.counts()
     assert counts["examples"] == {"havoc": 10370, "openai_moderation": 859, "davidson": 24783, "toxigen": 722}

@@ -29,6 +29,8 @@ PAPER_FIGURES = {
     "ensemble": {"f1": 0.362, "r_at_1": 0.954, "r_at_3": 0.748},
 }
 SYSTEMS = ("model", "profanity", "tfidf_lr")
+BASELINE_TRAINED_ON = {"profanity": ("davidson",)}  # held-out sources a baseline saw in training
+MIN_POSITIVES = 20  # an operating point must flag at least this many validation examples
 
 
 def metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
@@ -40,10 +42,8 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
                                 zero_division=0)) if len(y_true) else 0.0,
            "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0}
     for k in (1, 3):
-        truth, pred = y_true >= k, y_pred >= k
-        hits = int((truth & pred).sum())
-        out[f"r_at_{k}"] = hits / int(truth.sum()) if truth.any() else None
-        out[f"p_at_{k}"] = hits / int(pred.sum()) if pred.any() else None
+        figures = binary(y_true >= k, y_pred >= k)
+        out[f"r_at_{k}"], out[f"p_at_{k}"] = figures["recall"], figures["precision"]
     return out
 
 
@@ -62,15 +62,39 @@ def profanity_predictions(texts: list[str], train_labels: np.ndarray) -> np.ndar
     return np.where(predict_prob(texts) >= 0.5, level, 0)
 
 
-def tfidf_lr_predictions(train_texts, train_labels, texts, seed: int) -> np.ndarray:
+def tfidf_lr_model(train_texts, train_labels, seed: int):
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
     model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True, max_features=200_000),
                           LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed))
-    model.fit(train_texts, train_labels)
-    return model.predict(texts)
+    return model.fit(train_texts, train_labels)
+
+
+def equal_precision_point(cal_true, cal_probs, cal_baseline, y_true, probs, k: int) -> dict:
+    """The model at the lowest threshold on P(score >= k) whose calibration-split precision
+    reaches the baseline's there (None when no threshold flagging MIN_POSITIVES does)."""
+    target = binary(cal_true >= k, cal_baseline >= k)["precision"]
+    cal_p = cal_probs[:, k:].sum(-1)
+    threshold = None
+    for t in np.unique(np.round(cal_p, 4)):
+        flagged = cal_p >= t
+        if flagged.sum() < MIN_POSITIVES:
+            break
+        if binary(cal_true >= k, flagged)["precision"] >= target:
+            threshold = float(t)
+            break
+    out = {"baseline_precision_on_calibration": target, "threshold": threshold}
+    if threshold is not None:
+        out.update(binary(y_true >= k, probs[:, k:].sum(-1) >= threshold))
+    return out
+
+
+def binary(truth: np.ndarray, pred: np.ndarray) -> dict:
+    hits = int((truth & pred).sum())
+    return {"recall": hits / int(truth.sum()) if truth.any() else None,
+            "precision": hits / int(pred.sum()) if pred.any() else None}
 
 
 def evaluate(workdir: str, split: str = "test", batch_size: int = 32) -> dict:
@@ -83,26 +107,43 @@ def evaluate(workdir: str, split: str = "test", batch_size: int = 32) -> dict:
 
     data_cfg = labeled.LabeledDataConfig()
     splits, _ = labeled.load(data_cfg)
-    held_out = splits[split]
-    texts = [e.text for e in held_out]
-    y_true = np.array([e.score for e in held_out], int)
     train_texts = [e.text for e in splits["train"]]
     train_labels = np.array([e.score for e in splits["train"]], int)
-
     scorer = Scorer(os.path.join(workdir, "model"), batch_size=batch_size)
-    probs = scorer.probs(texts)
-    preds = {"model": probs.argmax(-1),
-             "profanity": profanity_predictions(texts, train_labels),
-             "tfidf_lr": tfidf_lr_predictions(train_texts, train_labels, texts, data_cfg.seed)}
+    tfidf = tfidf_lr_model(train_texts, train_labels, data_cfg.seed)
+
+    def systems(examples):
+        texts = [e.text for e in examples]
+        probs = scorer.probs(texts)
+        return probs, {"model": probs.argmax(-1), "profanity": profanity_predictions(texts, train_labels),
+                       "tfidf_lr": tfidf.predict(texts)}
+
+    held_out, calibration = splits[split], splits["validation"]
+    y_true = np.array([e.score for e in held_out], int)
+    probs, preds = systems(held_out)
+    cal_probs, cal_preds = systems(calibration)
+    sources = np.array([e.source for e in held_out])
 
     report = {"model": metrics(y_true, preds["model"])}
     report["baselines"] = {name: metrics(y_true, preds[name]) for name in ("profanity", "tfidf_lr")}
     report["confusion"] = {name: confusion(y_true, p) for name, p in preds.items()}
-    by_source = collections.defaultdict(list)
-    for i, e in enumerate(held_out):
-        by_source[e.source].append(i)
-    report["per_source"] = {src: {name: metrics(y_true[idx], preds[name][idx]) for name in SYSTEMS}
-                            for src, idx in sorted(by_source.items())}
+    report["per_source"] = {src: {name: metrics(y_true[sources == src], preds[name][sources == src])
+                                  for name in SYSTEMS} for src in sorted(set(sources.tolist()))}
+    cal_true = np.array([e.score for e in calibration], int)
+    cal_sources = np.array([e.source for e in calibration])
+    report["unseen"] = {}
+    for name, seen in BASELINE_TRAINED_ON.items():
+        keep, cal_keep = ~np.isin(sources, seen), ~np.isin(cal_sources, seen)
+        report["unseen"][name] = {
+            "excluded_sources": list(seen), "model": metrics(y_true[keep], preds["model"][keep]),
+            name: metrics(y_true[keep], preds[name][keep]),
+            "at_equal_precision": {f"k{k}": equal_precision_point(
+                cal_true[cal_keep], cal_probs[cal_keep], cal_preds[name][cal_keep],
+                y_true[keep], probs[keep], k) for k in (1, 3)}}
+    report["at_equal_precision"] = {
+        name: {f"k{k}": equal_precision_point(cal_true, cal_probs, cal_preds[name], y_true, probs, k)
+               for k in (1, 3)} for name in ("profanity", "tfidf_lr")}
+    report["at_equal_precision"]["calibration_split"] = "validation"
     report["split"] = {"name": split, "n": len(held_out), "seed": data_cfg.seed,
                        "scores": {int(k): int(v) for k, v in sorted(collections.Counter(y_true.tolist()).items())},
                        "train_n": len(train_labels)}
@@ -137,6 +178,22 @@ def markdown(report: dict) -> str:
     for src, by_system in report["per_source"].items():
         cells = [f"{_fmt(m['r_at_1'])} / {_fmt(m['r_at_3'])} / {_fmt(m['f1'])}" for m in by_system.values()]
         lines.append(f"| {src} | {by_system['model']['n']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Each baseline on the held-out sources it was not trained on", "", header, rule]
+    for name, part in report["unseen"].items():
+        label = f"without {', '.join(part['excluded_sources'])}, n={part['model']['n']}"
+        points = [part["at_equal_precision"][f"k{k}"] for k in (1, 3)]
+        lines += [f"| ours ({label}) | " + " | ".join(_fmt(part["model"][k]) for k in keys) + " |",
+                  f"| ours at {name}'s precision ({label}) | – | "
+                  + " | ".join(f"{_fmt(p.get('recall'))} | {_fmt(p.get('precision'))}" for p in points) + " |",
+                  f"| {name} ({label}) | " + " | ".join(_fmt(part[name][k]) for k in keys) + " |"]
+    lines += ["", "## Ours at each baseline's precision (threshold set on the validation split)", "",
+              "| baseline | k | threshold on P(score >= k) | ours R@k | ours P@k | baseline R@k | baseline P@k |",
+              "|---" * 7 + "|"]
+    for name in ("profanity", "tfidf_lr"):
+        for k in (1, 3):
+            point, base = report["at_equal_precision"][name][f"k{k}"], report["baselines"][name]
+            lines.append(f"| {name} | {k} | {_fmt(point['threshold'])} | {_fmt(point.get('recall'))} | "
+                         f"{_fmt(point.get('precision'))} | {_fmt(base[f'r_at_{k}'])} | {_fmt(base[f'p_at_{k}'])} |")
     lines += ["", "Confusion matrix of ours (rows: true score 0-5, columns: predicted):", ""]
     lines += ["    " + " ".join(f"{v:6d}" for v in row) for row in report["confusion"]["model"]]
     return "\n".join(lines) + "\n"
