@@ -407,3 +407,20 @@ class TfdsTextSource(_HashSplitMixin, seqio.DataSource):
             return ex[text_feature], doc_id
 
         return self._split(_valid_only(_parsed(parse, ds.map(columns).batch(PARSE_BATCH))), split)
+
+
+MANIFEST = "manifest.json"
+
+
+def claim_output_dir(output_dir: str, manifest: dict, refusal: str) -> None:
+    """Records what a resumable job writes into `output_dir` (its manifest.json); a rerun of the
+    same job resumes there, a different job is refused with `refusal` (the manifest's path added)."""
+    path = os.path.join(output_dir, MANIFEST)
+    if tf.io.gfile.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            if json.load(f) != manifest:
+                raise errors.UserError(f"{refusal} (see {path})")
+        return
+    tf.io.gfile.makedirs(output_dir)
+    with tf.io.gfile.GFile(path, "w") as f:
+        json.dump(manifest, f, indent=1)

@@ -36,14 +36,13 @@ from safejax.data.quarantine import QUARANTINE
 
 FOLDER = "score_{}"
 PART = "part-{:05d}-of-{:05d}.jsonl.gz"
-MANIFEST = "manifest.json"
 
 
 def score_files(split_dir: str, low: int, high: int) -> list[str]:
     """The score folders' files for scores low..high; an error naming the folder if it was not
     written by `safejax data split`."""
-    if not tf.io.gfile.exists(os.path.join(split_dir, MANIFEST)):
-        raise errors.UserError(f"split_dir {split_dir} has no {MANIFEST}: write it with `safejax data split`")
+    if not tf.io.gfile.exists(os.path.join(split_dir, sources.MANIFEST)):
+        raise errors.UserError(f"split_dir {split_dir} has no {sources.MANIFEST}: write it with `safejax data split`")
     return sources.expand_files([os.path.join(split_dir, FOLDER.format(s), "*.jsonl.gz")
                                  for s in range(low, high + 1)])
 
@@ -83,19 +82,6 @@ def _split_shard(source, table: dict[str, int], output_dir: str, shard: int, sha
     return counts
 
 
-def _check_manifest(output_dir: str, manifest: dict) -> None:
-    path = os.path.join(output_dir, MANIFEST)
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            if json.load(f) != manifest:
-                raise errors.UserError(f"{output_dir} holds a split of other inputs ({path}); "
-                                       f"write to a new directory")
-        return
-    tf.io.gfile.makedirs(output_dir)
-    with tf.io.gfile.GFile(path, "w") as f:
-        json.dump(manifest, f, indent=1)
-
-
 @gin.configurable
 def split_by_score(output_dir: str, corpus: seqio.DataSource = gin.REQUIRED,
                    scores: Sequence[str] | None = None, on_missing_score: str = "error") -> dict:
@@ -106,7 +92,8 @@ def split_by_score(output_dir: str, corpus: seqio.DataSource = gin.REQUIRED,
     preprocessors.check_missing_policy(on_missing_score)
     files = sources.expand_files(scores)
     shards = corpus.list_shards("train")
-    _check_manifest(output_dir, {"corpus": list(shards), "scores": files, "on_missing_score": on_missing_score})
+    sources.claim_output_dir(output_dir, {"corpus": list(shards), "scores": files, "on_missing_score": on_missing_score},
+                             f"{output_dir} holds a split of other inputs; write to a new directory")
     table = scores_lib.read_scores(files)
     for folder in ["tmp", *(FOLDER.format(s) for s in range(scores_lib.NUM_SCORES))]:
         tf.io.gfile.makedirs(os.path.join(output_dir, folder))

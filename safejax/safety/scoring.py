@@ -27,7 +27,6 @@ from safejax.data import sources
 from safejax.data.quarantine import QUARANTINE
 from safejax.safety.windows import document_scores, window_spans
 
-MANIFEST = "manifest.json"
 
 
 DOCS_PER_CALL = 256  # documents windowed and scored together (their windows sorted by length)
@@ -128,17 +127,8 @@ def score_shard(scorer: DocumentScorer, index: int, path: str, output_dir: str,
 def check_manifest(output_dir: str, checkpoint: str, files: list[str]) -> None:
     """One output folder, one model and input list: a rerun resumes, a different job is refused."""
     manifest = {"checkpoint": os.path.abspath(checkpoint), "inputs": [os.path.abspath(f) for f in files]}
-    path = os.path.join(output_dir, MANIFEST)
-    if tf.io.gfile.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            previous = json.load(f)
-        if previous != manifest:
-            raise errors.UserError(f"{output_dir} holds scores of another model or input list "
-                                   f"(see {path}); use a new --output")
-        return
-    tf.io.gfile.makedirs(output_dir)
-    with tf.io.gfile.GFile(path, "w") as f:
-        json.dump(manifest, f, indent=1)
+    sources.claim_output_dir(output_dir, manifest,
+                             f"{output_dir} holds scores of another model or input list; use a new --output")
 
 
 def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, batch_size: int = 64,
