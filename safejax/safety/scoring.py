@@ -27,8 +27,6 @@ from safejax.data import sources
 from safejax.data.quarantine import QUARANTINE
 from safejax.safety.windows import document_scores, window_spans
 
-
-
 DOCS_PER_CALL = 256  # documents windowed and scored together (their windows sorted by length)
 
 
