@@ -2,6 +2,7 @@
 bundled corpus, through `safejax score`'s own code (safety/scoring.DocumentScorer).
 
     safejax bench score [--checkpoint DIR] [--docs N] [--batch 32] [--overlap 32] [--warmup 16]
+                        [--dtype float32|bfloat16]
 
 The timed part is what scoring does after loading the model: tokenize each document, cut it into
 overlapping windows of the classifier's length, run the length-bucketed jit batches (sharded over
@@ -15,7 +16,8 @@ Without --checkpoint the classifier is the pretrained all-MiniLM-L6-v2 encoder o
 configs/classifier/minilm.gin (64 tokens) with a seeded random 6-way head, exported the way
 `safejax classifier-train` exports a trained one; throughput does not depend on the head's values.
 --docs N takes documents i * total // N (i < N) of the corpus in file order, a spread over every
-source. `windows_sha1` digests the windows' token ids, so a run of benchmarks/hf_score.py (the
+source. --dtype sets the encoder's compute dtype (parameters stay float32); the peer's
+--dtype bfloat16 is its counterpart. `windows_sha1` digests the windows' token ids, so a run of benchmarks/hf_score.py (the
 Hugging Face transformers peer, see benchmarks/PEERS.md) can show it scored the same windows.
 """
 
@@ -75,12 +77,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=32, help="windows per classifier call")
     parser.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive windows")
     parser.add_argument("--warmup", type=int, default=16, help="documents scored before timing")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the export's)")
     args = parser.parse_args(argv)
     texts = corpus_texts(args.docs)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.checkpoint or export_minilm(tmp)
-        scorer = scoring.DocumentScorer(model_dir, batch_size=args.batch, overlap=args.overlap)
+        scorer = scoring.DocumentScorer(model_dir, batch_size=args.batch, overlap=args.overlap,
+                                         dtype=args.dtype)
         scorer.scorer.compile()
         score_all(scorer, texts[:args.warmup])
         start, cpu = time.perf_counter(), time.process_time()
@@ -93,6 +97,7 @@ def main(argv: list[str]) -> int:
               "cpu_seconds": round(cpu, 3),
               "docs": len(texts), "windows": len(windows), "tokens": int(lengths.sum()),
               "batch": args.batch, "seq_len": scorer.scorer.cfg.seq_len, "overlap": args.overlap,
+              "dtype": scorer.scorer.cfg.encoder.dtype,
               "model": args.checkpoint or "all-MiniLM-L6-v2 + random head", "windows_sha1": windows_digest(windows),
               "devices": jax.device_count(), "platform": jax.devices()[0].platform,
               "load_avg_1m_before": round(load_before, 2), "load_avg_1m": round(os.getloadavg()[0], 2)}

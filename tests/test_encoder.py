@@ -1,5 +1,6 @@
 """The Flax BERT encoder against the original all-MiniLM-L6-v2 (sentence-transformers on torch)."""
 
+import dataclasses
 import json
 import os
 
@@ -38,6 +39,22 @@ def test_mean_pooled_embeddings_match_the_original(minilm):
     theirs = np.asarray(ref["embeddings"])
     cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
     assert cosine.min() >= 0.9999, cosine
+
+
+def test_bfloat16_compute_stays_close_to_the_original(minilm):
+    """bf16 matmul inputs (float32 parameters, accumulation and residual stream), as in scoring
+    with --dtype bfloat16; the bound is loose on purpose, PEERS.md has the measured agreement."""
+    cfg, model = minilm
+    with open(FIXTURE, encoding="utf-8") as f:
+        ref = json.load(f)
+    tokens, mask = enc.tokenize(enc.load_tokenizer(cfg, 128), ref["sentences"], 128)
+    bf16 = enc.Encoder(dataclasses.replace(cfg, dtype="bfloat16"), rngs=nnx.Rngs(0))
+    nnx.update(bf16, nnx.state(model))
+    ours = _pool(bf16, tokens, mask)
+    assert ours.dtype == np.float32
+    theirs = np.asarray(ref["embeddings"])
+    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    assert cosine.min() >= 0.999, cosine
 
 
 def test_sharded_forward_equals_single_device(minilm):

@@ -107,6 +107,17 @@ def test_windows_score_as_their_texts_do(model_dir):
     assert [n for _, _, n in scorer.score(texts)] == np.bincount(owner).tolist()
 
 
+def test_bfloat16_scoring_is_close_to_float32(model_dir):
+    texts = [" ".join(random.Random(k).choice(WORDS) for _ in range(n)) for k, n in enumerate([3, 40, 90])]
+    exact = scoring.DocumentScorer(model_dir, batch_size=8, overlap=8)
+    fast = scoring.DocumentScorer(model_dir, batch_size=8, overlap=8, dtype="bfloat16")
+    assert fast.scorer.cfg.encoder.dtype == "bfloat16"
+    ids, _ = exact.windows(texts)
+    np.testing.assert_allclose(fast.scorer.probs_ids(ids), exact.scorer.probs_ids(ids), atol=0.02)
+    with pytest.raises(errors.UserError, match="float32 or bfloat16"):
+        scoring.DocumentScorer(model_dir, dtype="float16")
+
+
 def _shards(directory):
     return sorted(f for f in os.listdir(directory) if f.startswith("scores-"))
 

@@ -117,10 +117,15 @@ class Scorer:
 
     IN_FLIGHT = 4
 
-    def __init__(self, directory: str, *, batch_size: int = 32, mesh=None):
+    def __init__(self, directory: str, *, batch_size: int = 32, mesh=None, dtype: str | None = None):
+        """`dtype` overrides the export's compute dtype (e.g. "bfloat16"); parameters stay float32."""
         import orbax.checkpoint as ocp
 
         self.cfg = read_export_config(directory)
+        if dtype not in (None, "float32", "bfloat16"):
+            raise errors.UserError(f"scoring dtype must be float32 or bfloat16, got {dtype!r}")
+        if dtype is not None:
+            self.cfg = dataclasses.replace(self.cfg, encoder=dataclasses.replace(self.cfg.encoder, dtype=dtype))
         self.tokenizer = enc.load_tokenizer(self.cfg.encoder, self.cfg.seq_len)
         self.mesh = mesh or parallel.build_mesh(shape=(-1, 1, 1))
         self.batch_size = batch_size
