@@ -1,7 +1,7 @@
 """Input-pipeline throughput (read, tokenize, pack into batches): raw corpus vs the safety mixture.
 
     safejax bench data [--batches 800] [--seq_len 512] [--batch_size 16] [--rounds 2] [--cached]
-                       [--layout score_folders|join]
+                       [--layout score_folders|join] [--autotune]
 
 Both run on the bundled corpus through the real seqio tasks and the trainer's batch iterator.
 `raw` is the plain corpus; `safety` is the full ablation mixture (score-0 text, rephrased,
@@ -23,6 +23,7 @@ the mixture alone). The time to the first batch, when every task's shuffle buffe
 reported apart (`*_first_batch_s`); the trainer overlaps it with compiling the step. On a shared
 machine wall time favours the pipeline with more threads (it wins more of the cores), so the CPU
 time of the whole process per token is reported too; `cpu_raw_over_safety` is the ratio in CPU.
+--autotune turns tf.data's autotuner on (DataConfig.autotune, off by default) for both.
 
 With --cached both are also measured from the Beam job's cache (data/beam_cache.py), the path
 for a large corpus: the per-document steps run once, offline, and training reads tokens.
@@ -75,9 +76,10 @@ def stand_in_inputs(root: str) -> dict[str, str]:
     return paths
 
 
-def _bindings(paths: dict, seq_len: int, batch_size: int, task: str, layout: str) -> list[str]:
+def _bindings(paths: dict, seq_len: int, batch_size: int, task: str, layout: str,
+              autotune: bool = False) -> list[str]:
     folders = [f"SPLIT_DIR = {paths['split']!r}"] if layout == "score_folders" else []
-    return [*folders, f"SCORES = {[paths['scores']]!r}", f"REPHRASED = {[paths['rephrased']]!r}",
+    return [*folders, f"DataConfig.autotune = {autotune}", f"SCORES = {[paths['scores']]!r}", f"REPHRASED = {[paths['rephrased']]!r}",
             f"REFUSEWEB = {[paths['refuseweb']]!r}", f"MORAL_EDUCATION = {[paths['moral_education']]!r}",
             f"MIXTURE = {task!r}", f"DataConfig.seq_len = {seq_len}",
             f"DataConfig.global_batch_size = {batch_size}", "DataConfig.eval_batches = 0"]
@@ -114,8 +116,10 @@ def main(argv: list[str]) -> int:
                         help="also measure both from the Beam job's cache (runs it first, DirectRunner)")
     parser.add_argument("--layout", choices=("score_folders", "join"), default="score_folders",
                         help="how the score kinds read the corpus (see above)")
+    parser.add_argument("--autotune", action="store_true", help="tf.data's autotuner on (see above)")
     args = parser.parse_args(argv)
-    bindings = functools.partial(_bindings, seq_len=args.seq_len, batch_size=args.batch_size, layout=args.layout)
+    bindings = functools.partial(_bindings, seq_len=args.seq_len, batch_size=args.batch_size, layout=args.layout,
+                                 autotune=args.autotune)
     with tempfile.TemporaryDirectory() as root:
         paths = stand_in_inputs(root)
         runs = {"raw": ("ablation_raw", []), "safety": ("ablation_full", [])}
@@ -150,7 +154,7 @@ def main(argv: list[str]) -> int:
         "tag_rate": round(tagged["tag_rate"], 5),
         "tagged_documents": tagged["tagged_documents"], "tags": tagged["tags"],
         "tagged_words": tagged["tagged_words"], "quarantined": QUARANTINE.total(),
-        "layout": args.layout, "seq_len": args.seq_len, "batch_size": args.batch_size, "batches": args.batches,
+        "layout": args.layout, "autotune": args.autotune, "seq_len": args.seq_len, "batch_size": args.batch_size, "batches": args.batches,
         "rounds": args.rounds,
         "cpus": os.cpu_count()}))
     return 0

@@ -1,6 +1,8 @@
 """The LM data pipeline: the bundled corpus, splits, per-host shards, determinism and resume."""
 
+import dataclasses
 import gzip
+import itertools
 import json
 
 import numpy as np
@@ -69,6 +71,15 @@ def test_same_seed_same_batches_and_resume_skips_exactly(tiny_config):
     resumed = pipeline.train_batches(data, 4)
     for a in first[4:]:
         b = next(resumed)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_autotune_changes_speed_not_batches(tiny_config):
+    off = pipeline.DataConfig()
+    on = dataclasses.replace(off, autotune=True)
+    assert not pipeline._dataset(off, "train", train=True).options().autotune.enabled
+    for a, b in zip(itertools.islice(pipeline.train_batches(off), 4), pipeline.train_batches(on)):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
 
