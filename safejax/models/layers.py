@@ -144,7 +144,9 @@ def _attention_fwd(q, k, v, segments, query_block, dtype):
 def _attention_bwd(q, k, v, segments, out, lse, d_out, query_block, dtype):
     """Gradients of q, k, v, the probabilities recomputed from the scores and the log-sum-exp."""
     f32 = jnp.float32
-    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)  # (z, g, t, 1)
+    # rowsum(d_out * out) as a batched dot, not a multiply + reduce: XLA:CPU (jax 0.10.2) hands
+    # the latter to YNNPACK, which took ~25 ms a layer for this 64-wide reduction against ~1 ms.
+    delta = jnp.einsum("zgth,zgth->zgt", d_out, out, preferred_element_type=f32)[..., None]  # (z, g, t, 1)
     dq_blocks, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
     for start, end in _query_blocks(q.shape[2], query_block):
         p = jnp.exp(_block_scores(q, k, segments, start, end) - lse[:, :, start:end])
