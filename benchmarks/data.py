@@ -79,7 +79,8 @@ def stand_in_inputs(root: str) -> dict[str, str]:
 def _bindings(paths: dict, seq_len: int, batch_size: int, task: str, layout: str,
               autotune: bool = False) -> list[str]:
     folders = [f"SPLIT_DIR = {paths['split']!r}"] if layout == "score_folders" else []
-    return [*folders, f"DataConfig.autotune = {autotune}", f"SCORES = {[paths['scores']]!r}", f"REPHRASED = {[paths['rephrased']]!r}",
+    return [*folders, f"DataConfig.autotune = {autotune}", f"SCORES = {[paths['scores']]!r}",
+            f"REPHRASED = {[paths['rephrased']]!r}",
             f"REFUSEWEB = {[paths['refuseweb']]!r}", f"MORAL_EDUCATION = {[paths['moral_education']]!r}",
             f"MIXTURE = {task!r}", f"DataConfig.seq_len = {seq_len}",
             f"DataConfig.global_batch_size = {batch_size}", "DataConfig.eval_batches = 0"]
@@ -154,7 +155,8 @@ def main(argv: list[str]) -> int:
         "tag_rate": round(tagged["tag_rate"], 5),
         "tagged_documents": tagged["tagged_documents"], "tags": tagged["tags"],
         "tagged_words": tagged["tagged_words"], "quarantined": QUARANTINE.total(),
-        "layout": args.layout, "autotune": args.autotune, "seq_len": args.seq_len, "batch_size": args.batch_size, "batches": args.batches,
+        "layout": args.layout, "autotune": args.autotune, "seq_len": args.seq_len,
+        "batch_size": args.batch_size, "batches": args.batches,
         "rounds": args.rounds,
         "cpus": os.cpu_count()}))
     return 0

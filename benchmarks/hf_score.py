@@ -11,9 +11,10 @@ windows by length (as sentence-transformers' `encode` does), pad each batch to i
 batches of --batch under `torch.inference_mode` on all CPU threads, and keep each document's
 highest-scoring window. `--dtype bfloat16` casts the encoder's weights and activations to
 bfloat16 (the usual way to run a BERT in bf16 on CPU; it pairs with ours at
-`safejax bench score --dtype bfloat16`); pooling and the head stay float32, as ours. A few batches run before the timer starts. `windows_sha1` digests the
-windows' token ids: equal to ours means the same windows were scored; `cpu_seconds` is the
-process CPU time of the timed part (OpenMP threads that spin while waiting count too).
+`safejax bench score --dtype bfloat16`); pooling and the head stay float32, as ours. A few
+batches run before the timer starts. `windows_sha1` digests the windows' token ids: equal to
+ours means the same windows were scored; `cpu_seconds` is the process CPU time of the timed part
+(OpenMP threads that spin while waiting count too).
 
 The window rule and the max over windows are safejax's own (safejax/safety/windows.py, pure
 Python and numpy, imported alone); nothing else of safejax, and no JAX, is used. It runs in its

@@ -17,8 +17,9 @@ configs/classifier/minilm.gin (64 tokens) with a seeded random 6-way head, expor
 `safejax classifier-train` exports a trained one; throughput does not depend on the head's values.
 --docs N takes documents i * total // N (i < N) of the corpus in file order, a spread over every
 source. --dtype sets the encoder's compute dtype (parameters stay float32); the peer's
---dtype bfloat16 is its counterpart. `windows_sha1` digests the windows' token ids, so a run of benchmarks/hf_score.py (the
-Hugging Face transformers peer, see benchmarks/PEERS.md) can show it scored the same windows.
+--dtype bfloat16 is its counterpart. `windows_sha1` digests the windows' token ids, so a run of
+benchmarks/hf_score.py (the Hugging Face transformers peer, see benchmarks/PEERS.md) can show it
+scored the same windows.
 """
 
 from __future__ import annotations
