@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from safejax.models.decoder import Decoder, DecoderConfig, count_params
-from safejax.models.layers import causal_attention
+from safejax.models.layers import causal_attention, gated_silu, rope_tables
 
 CFG = DecoderConfig(vocab_size=256, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
                     mlp_dim=128, dtype="float32")
@@ -151,3 +151,31 @@ def test_causal_attention_and_its_gradients_match_a_plain_masked_softmax(query_b
     expected = jax.grad(loss(lambda *a: _plain_attention(*a, segments)), argnums=(0, 1, 2))(q, k, v)
     for got, want in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v), expected):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_rope_tables_match_sin_and_cos_of_the_fp32_angles():
+    positions = jnp.asarray([[0, 1, 2, 7], [3, 0, 1, 2]])
+    sin, cos = rope_tables(positions, 8, 10000.0, max_position=8)
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(4, dtype=jnp.float32) / 4))
+    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq
+    assert sin.shape == cos.shape == (2, 4, 1, 4)
+    np.testing.assert_allclose(sin, jnp.sin(angles), atol=1e-6)
+    np.testing.assert_allclose(cos, jnp.cos(angles), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gated_silu_and_its_gradients_match_autodiff(dtype):
+    rng = np.random.default_rng(7)
+    gate, up, weights = (jnp.asarray(rng.normal(scale=3.0, size=(3, 5, 16)), dtype) for _ in range(3))
+
+    def loss(fn):
+        return lambda g, u: (fn(g, u).astype(jnp.float32) * weights.astype(jnp.float32)).sum()
+
+    plain = lambda g, u: (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(dtype)  # noqa: E731
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(gated_silu(gate, up).astype(jnp.float32), plain(gate, up).astype(jnp.float32),
+                               rtol=tol, atol=tol)
+    expected = jax.grad(loss(plain), argnums=(0, 1))(gate, up)
+    for got, want in zip(jax.jit(jax.grad(loss(gated_silu), argnums=(0, 1)))(gate, up), expected):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), rtol=tol, atol=tol)

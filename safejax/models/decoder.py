@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from safejax import errors
-from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU
+from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU, rope_tables
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -75,18 +75,18 @@ class DecoderBlock(nnx.Module):
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size,
-                              rope_base=cfg.rope_base, init_std=cfg.init_std, dtype=dt,
+                              init_std=cfg.init_std, dtype=dt,
                               param_dtype=pdt, rngs=rngs, query_block=cfg.query_block)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, dtype=dt,
                           param_dtype=pdt, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], segment_ids: jax.Array) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), rope, segment_ids)
         return x + self.mlp(self.mlp_norm(x))
 
-    def decode(self, x, positions, bias, cache, index):
-        attn, cache = self.attn.decode(self.attn_norm(x), positions, bias, cache, index)
+    def decode(self, x, rope, bias, cache, index):
+        attn, cache = self.attn.decode(self.attn_norm(x), rope, bias, cache, index)
         x = x + attn
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -111,8 +111,9 @@ class Decoder(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         x = self.embed(tokens)
+        rope = self._rope(positions, tokens.shape[1])
         for block in self.blocks:
-            x = self._run_block(block, x, positions, segment_ids)
+            x = self._run_block(block, x, rope, segment_ids)
         return self._logits(x)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: list[dict], index: jax.Array,
@@ -125,22 +126,27 @@ class Decoder(nnx.Module):
         """
         bias = jnp.where(attend_mask, 0.0, -1e30).astype(jnp.float32)[:, None]
         x = self.embed(tokens)
+        rope = self._rope(positions, attend_mask.shape[-1])
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache):
-            x, layer_cache = block.decode(x, positions, bias, layer_cache, index)
+            x, layer_cache = block.decode(x, rope, bias, layer_cache, index)
             new_cache.append(layer_cache)
         return self._logits(x[:, -1:] if last_only else x), new_cache
+
+    def _rope(self, positions, max_position):
+        """Positions are below the sequence length (packed documents) or the cache length."""
+        return rope_tables(positions, self.cfg.head_size, self.cfg.rope_base, max_position)
 
     def _logits(self, x):
         x = self.final_norm(x)
         head = self.embed if self.lm_head is None else self.lm_head
         return head.attend(x)
 
-    def _run_block(self, block, x, positions, segment_ids):
+    def _run_block(self, block, x, rope, segment_ids):
         if self.cfg.remat == "none":
-            return block(x, positions, segment_ids)
+            return block(x, rope, segment_ids)
         policy = REMAT_POLICIES[self.cfg.remat]
-        return nnx.remat(lambda b, *args: b(*args), policy=policy)(block, x, positions, segment_ids)
+        return nnx.remat(lambda b, *args: b(*args), policy=policy)(block, x, rope, segment_ids)
 
 
 def init_cache(cfg: DecoderConfig, batch: int, length: int) -> list[dict]:

@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from safejax.parallel import constrain
@@ -73,16 +74,28 @@ class Embedding(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
 
-def rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+def rope_tables(positions: jax.Array, head_dim: int, base: float, max_position: int) -> tuple[jax.Array, jax.Array]:
+    """sin and cos (batch, length, 1, head_dim // 2) of the rotary angles of positions below
+    max_position, in fp32, shared by every layer's queries and keys.
+
+    They are looked up in a table built with numpy while tracing (a constant of the program):
+    computed inside the jit, XLA:CPU fuses sin and cos into each layer's rotation, forward and
+    backward, and evaluates them for every element of every head (~4% of a `small` training
+    step). The angles are rounded to fp32 as a traced fp32 computation would round them.
+    """
+    half = head_dim // 2
+    inv_freq = (1.0 / (base ** (np.arange(half, dtype=np.float32) / half))).astype(np.float32)
+    angles = (np.arange(max_position, dtype=np.float32)[:, None] * inv_freq).astype(np.float64)
+    lookup = lambda table: jnp.asarray(table, jnp.float32)[positions][:, :, None]  # noqa: E731
+    return lookup(np.sin(angles)), lookup(np.cos(angles))
+
+
+def rotary(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     """Rotary position embedding over the last axis, in the split-halves layout of Llama.
 
-    x: (batch, length, heads, head_dim); positions: (batch, length) integer positions.
+    x: (batch, length, heads, head_dim); rope: `rope_tables` of the tokens' positions.
     """
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (b, t, half)
-    sin = jnp.sin(angles)[:, :, None, :]
-    cos = jnp.cos(angles)[:, :, None, :]
+    sin, cos = rope
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -193,7 +206,7 @@ class Attention(nnx.Module):
     """Multi-head causal self-attention with optional grouped-query (fewer K/V heads) and RoPE."""
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
-                 rope_base: float, init_std: float, dtype, param_dtype, rngs: nnx.Rngs,
+                 init_std: float, dtype, param_dtype, rngs: nnx.Rngs,
                  query_block: int = 0):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
@@ -206,15 +219,14 @@ class Attention(nnx.Module):
                              ("embed", "kv_heads", "head_dim"), param_dtype)
         self.wo = make_param(rngs, init, (num_heads, head_dim, d_model),
                              ("heads", "head_dim", "embed"), param_dtype)
-        self.rope_base = rope_base
         self.query_block = query_block
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        q, k, v = self._project(x, positions)
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], segment_ids: jax.Array) -> jax.Array:
+        q, k, v = self._project(x, rope)
         return self._output(causal_attention(q, k, v, segment_ids, self.query_block, self.dtype))
 
-    def decode(self, x: jax.Array, positions: jax.Array, bias: jax.Array, cache: dict,
+    def decode(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], bias: jax.Array, cache: dict,
                index: jax.Array) -> tuple[jax.Array, dict]:
         """Attention of new tokens over a K/V cache they are first written into.
 
@@ -222,20 +234,20 @@ class Attention(nnx.Module):
         index .. index + t - 1; bias (b, 1, t, s) says which columns each new token sees, so the
         caller decides causality, padding and tree-shaped lookahead.
         """
-        q, k, v = self._project(x, positions)
+        q, k, v = self._project(x, rope)
         start = (0, 0, index, 0)
         cache = {name: constrain(jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), start),
                                  CACHE_AXES) for name, new in (("k", k), ("v", v))}
         return self._output(attend(q, cache["k"], cache["v"], bias, self.dtype)), cache
 
-    def _project(self, x, positions):
+    def _project(self, x, rope):
         """Queries (b, kv, g, t, h), pre-scaled, and keys, values (b, kv, t, h), with RoPE."""
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
         q = constrain(dense(x, w(self.wq)), ("batch", "length", "heads", "head_dim"))
         k = constrain(dense(x, w(self.wk)), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(dense(x, w(self.wv)), ("batch", "length", "kv_heads", "head_dim"))
-        q = rotary(q, positions, self.rope_base)
-        k = rotary(k, positions, self.rope_base)
+        q = rotary(q, rope)
+        k = rotary(k, rope)
 
         b, t, n, h = q.shape
         kv = k.shape[2]
@@ -264,4 +276,31 @@ class SwiGLU(nnx.Module):
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
         gate = constrain(dense(x, w(self.gate)), ("batch", "length", "mlp"))
         up = constrain(dense(x, w(self.up)), ("batch", "length", "mlp"))
-        return constrain(dense(jax.nn.silu(gate) * up, w(self.down)), ("batch", "length", "embed"))
+        return constrain(dense(gated_silu(gate, up), w(self.down)), ("batch", "length", "embed"))
+
+
+@jax.custom_vjp
+def gated_silu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, computed in fp32.
+
+    The backward pass works from the two matmul outputs, which are kept anyway. Plain autodiff
+    also kept silu(gate) and the product's intermediates, (tokens x mlp) arrays written in the
+    forward pass and read back (measured: ~1.5% of a `small` training step on the CPU).
+    """
+    return _gated_silu_fwd(gate, up)[0]
+
+
+def _gated_silu_fwd(gate, up):
+    g = gate.astype(jnp.float32)
+    return (g * jax.nn.sigmoid(g) * up.astype(jnp.float32)).astype(gate.dtype), (gate, up)
+
+
+def _gated_silu_bwd(residuals, d_out):
+    gate, up = residuals
+    g, u, d = gate.astype(jnp.float32), up.astype(jnp.float32), d_out.astype(jnp.float32)
+    sig = jax.nn.sigmoid(g)
+    d_gate = d * u * sig * (1.0 + g * (1.0 - sig))
+    return d_gate.astype(gate.dtype), (d * g * sig).astype(up.dtype)
+
+
+gated_silu.defvjp(_gated_silu_fwd, _gated_silu_bwd)
