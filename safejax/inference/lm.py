@@ -42,12 +42,13 @@ class CachedLM:
 def decoder_lm(model: decoder_lib.Decoder, context: int, mesh=None, rules=()) -> CachedLM:
     """The decoder LM behind the CachedLM interface; with a mesh, activations and the cache are
     sharded by their logical axes (batch, kv_heads, ...) through the rules table."""
-    graphdef, params = nnx.split(model)
+    graphdef, state = nnx.split(model)
     cfg = model.cfg
 
     def forward(params, tokens, positions, cache, index, attend_mask, last_only=False):
         with parallel.using(mesh, rules) if mesh is not None else contextlib.nullcontext():
-            return nnx.merge(graphdef, params).decode(tokens, positions, cache, index, attend_mask, last_only)
+            return nnx.merge(graphdef, params["model"]).decode(tokens, positions, cache, index, attend_mask,
+                                                               last_only, head=params["head"])
 
     def init_cache(batch, length):
         cache = decoder_lib.init_cache(cfg, batch, length)
@@ -56,7 +57,9 @@ def decoder_lm(model: decoder_lib.Decoder, context: int, mesh=None, rules=()) ->
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
             x, parallel.sharding_for(layers.CACHE_AXES, rules, mesh, x.shape)), cache)
 
-    return CachedLM(forward, init_cache, params, cfg.vocab_size, context)
+    with parallel.using(mesh, rules) if mesh is not None else contextlib.nullcontext():
+        head = model.output_kernel()  # a copy: vocab x d_model more memory
+    return CachedLM(forward, init_cache, {"model": state, "head": head}, cfg.vocab_size, context)
 
 
 def attend_mask(pad: jax.Array, index, t: int, length: int, tree: bool = False) -> jax.Array:

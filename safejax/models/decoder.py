@@ -15,7 +15,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from safejax import errors
-from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU, rope_tables
+from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU, dense, rope_tables
+from safejax.parallel import constrain
+
+# From this many rows, decoding reads the output head from `Decoder.output_kernel` (measured on
+# XLA:CPU; below it, the vocab-major table is faster).
+HEAD_KERNEL_MIN_ROWS = 4
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
@@ -117,12 +122,15 @@ class Decoder(nnx.Module):
         return self._logits(x)
 
     def decode(self, tokens: jax.Array, positions: jax.Array, cache: list[dict], index: jax.Array,
-               attend_mask: jax.Array, last_only: bool = False) -> tuple[jax.Array, list[dict]]:
+               attend_mask: jax.Array, last_only: bool = False,
+               head: jax.Array | None = None) -> tuple[jax.Array, list[dict]]:
         """Cached forward for sampling: the new tokens' K/V are written into `cache` at columns
         index .. index + t - 1, and each new token attends where attend_mask (b, t, s) is True.
 
         Returns the logits (b, t, vocab), or (b, 1, vocab) for the last token with `last_only`
-        (a prompt's prefill), and the updated cache (from `init_cache`).
+        (a prompt's prefill), and the updated cache (from `init_cache`). `head`, the output
+        head as `output_kernel` lays it out, replaces the vocab-major table in the last matmul
+        from HEAD_KERNEL_MIN_ROWS rows on.
         """
         bias = jnp.where(attend_mask, 0.0, -1e30).astype(jnp.float32)[:, None]
         x = self.embed(tokens)
@@ -131,7 +139,21 @@ class Decoder(nnx.Module):
         for block, layer_cache in zip(self.blocks, cache):
             x, layer_cache = block.decode(x, rope, bias, layer_cache, index)
             new_cache.append(layer_cache)
-        return self._logits(x[:, -1:] if last_only else x), new_cache
+        x = x[:, -1:] if last_only else x
+        if head is None or x.shape[0] * x.shape[1] < HEAD_KERNEL_MIN_ROWS:
+            return self._logits(x), new_cache
+        logits = dense(self.final_norm(x), head.astype(self.cfg.dtype), out_dtype=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab")), new_cache
+
+    def output_kernel(self) -> jax.Array:
+        """The output head as a (d_model, vocab) matrix, a copy for decoding.
+
+        Decoding multiplies a few rows by the head every step. XLA:CPU repacks the
+        (vocab, d_model) table on every call; with this copy, `small`'s decoding took 4-8% less
+        CPU at 4-32 rows (greedy batch 8, beam search, Safe Beam), but 5% more at one row.
+        """
+        head = self.embed if self.lm_head is None else self.lm_head
+        return constrain(jnp.transpose(head.table[...]), ("embed", "vocab"))
 
     def _rope(self, positions, max_position):
         """Positions are below the sequence length (packed documents) or the cache length."""
