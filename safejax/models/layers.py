@@ -162,7 +162,8 @@ def _attention_bwd(q, k, v, segments, out, lse, d_out, query_block, dtype):
     delta = jnp.einsum("zgth,zgth->zgt", d_out, out, preferred_element_type=f32)[..., None]  # (z, g, t, 1)
     # dk and dv are accumulated transposed, (z, h, t): XLA:CPU runs the products that contract
     # the queries ~3x faster with head_dim as their output's rows than as its columns.
-    dq_blocks, dk_t, dv_t = [], jnp.zeros(k.shape[:1] + k.shape[:0:-1], f32), jnp.zeros(v.shape[:1] + v.shape[:0:-1], f32)
+    z, keys, h = k.shape
+    dq_blocks, dk_t, dv_t = [], jnp.zeros((z, h, keys), f32), jnp.zeros((z, h, keys), f32)
     for start, end in _query_blocks(q.shape[2], query_block):
         p = jnp.exp(_block_scores(q, k, segments, start, end) - lse[:, :, start:end])
         do = d_out[:, :, start:end]
