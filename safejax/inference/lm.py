@@ -44,9 +44,10 @@ def decoder_lm(model: decoder_lib.Decoder, context: int, mesh=None, rules=()) ->
     sharded by their logical axes (batch, kv_heads, ...) through the rules table."""
     graphdef, state = nnx.split(model)
     cfg = model.cfg
+    sharded = lambda: parallel.using(mesh, rules) if mesh is not None else contextlib.nullcontext()  # noqa: E731
 
     def forward(params, tokens, positions, cache, index, attend_mask, last_only=False):
-        with parallel.using(mesh, rules) if mesh is not None else contextlib.nullcontext():
+        with sharded():
             return nnx.merge(graphdef, params["model"]).decode(tokens, positions, cache, index, attend_mask,
                                                                last_only, head=params["head"])
 
@@ -57,7 +58,7 @@ def decoder_lm(model: decoder_lib.Decoder, context: int, mesh=None, rules=()) ->
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
             x, parallel.sharding_for(layers.CACHE_AXES, rules, mesh, x.shape)), cache)
 
-    with parallel.using(mesh, rules) if mesh is not None else contextlib.nullcontext():
+    with sharded():
         head = model.output_kernel()  # a copy: vocab x d_model more memory
     return CachedLM(forward, init_cache, {"model": state, "head": head}, cfg.vocab_size, context)
 

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from safejax import errors
-from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU, dense, rope_tables
-from safejax.parallel import constrain
+from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU, rope_tables
 
 # From this many rows, decoding reads the output head from `Decoder.output_kernel` (measured on
 # XLA:CPU; below it, the vocab-major table is faster).
@@ -140,10 +139,8 @@ class Decoder(nnx.Module):
             x, layer_cache = block.decode(x, rope, bias, layer_cache, index)
             new_cache.append(layer_cache)
         x = x[:, -1:] if last_only else x
-        if head is None or x.shape[0] * x.shape[1] < HEAD_KERNEL_MIN_ROWS:
-            return self._logits(x), new_cache
-        logits = dense(self.final_norm(x), head.astype(self.cfg.dtype), out_dtype=jnp.float32)
-        return constrain(logits, ("batch", "length", "vocab")), new_cache
+        use_head = head is not None and x.shape[0] * x.shape[1] >= HEAD_KERNEL_MIN_ROWS
+        return self._logits(x, head if use_head else None), new_cache
 
     def output_kernel(self) -> jax.Array:
         """The output head as a (d_model, vocab) matrix, a copy for decoding.
@@ -152,17 +149,17 @@ class Decoder(nnx.Module):
         (vocab, d_model) table on every call; with this copy, `small`'s decoding took 1-8% less
         CPU at 4-32 rows (greedy batch 8, beam search, Safe Beam), but 5% more at one row.
         """
-        head = self.embed if self.lm_head is None else self.lm_head
-        return constrain(jnp.transpose(head.table[...]), ("embed", "vocab"))
+        return self._head().transposed()
 
     def _rope(self, positions, max_position):
         """Positions are below the sequence length (packed documents) or the cache length."""
         return rope_tables(positions, self.cfg.head_size, self.cfg.rope_base, max_position)
 
-    def _logits(self, x):
-        x = self.final_norm(x)
-        head = self.embed if self.lm_head is None else self.lm_head
-        return head.attend(x)
+    def _head(self) -> Embedding:
+        return self.embed if self.lm_head is None else self.lm_head
+
+    def _logits(self, x, head=None):
+        return self._head().attend(self.final_norm(x), head)
 
     def _run_block(self, block, x, rope, segment_ids):
         if self.cfg.remat == "none":

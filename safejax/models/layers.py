@@ -69,9 +69,16 @@ class Embedding(nnx.Module):
         x = jnp.take(self.table[...].astype(self.dtype), ids, axis=0)
         return constrain(x, ("batch", "length", "embed"))
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        logits = dense(x, self.table[...].astype(self.dtype).T, out_dtype=jnp.float32)
+    def attend(self, x: jax.Array, table_t: jax.Array | None = None) -> jax.Array:
+        """Logits x @ table.T; `table_t`, the table copied as (dim, vocab) by `transposed`, is
+        read instead when given."""
+        kernel = self.table[...].T if table_t is None else table_t
+        logits = dense(x, kernel.astype(self.dtype), out_dtype=jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
+
+    def transposed(self) -> jax.Array:
+        """A (dim, vocab) copy of the table, for `attend`."""
+        return constrain(jnp.transpose(self.table[...]), ("embed", "vocab"))
 
 
 def rope_tables(positions: jax.Array, head_dim: int, base: float, max_position: int) -> tuple[jax.Array, jax.Array]:
@@ -86,8 +93,7 @@ def rope_tables(positions: jax.Array, head_dim: int, base: float, max_position: 
     half = head_dim // 2
     inv_freq = (1.0 / (base ** (np.arange(half, dtype=np.float32) / half))).astype(np.float32)
     angles = (np.arange(max_position, dtype=np.float32)[:, None] * inv_freq).astype(np.float64)
-    lookup = lambda table: jnp.asarray(table, jnp.float32)[positions][:, :, None]  # noqa: E731
-    return lookup(np.sin(angles)), lookup(np.cos(angles))
+    return tuple(jnp.asarray(f(angles), jnp.float32)[positions][:, :, None] for f in (np.sin, np.cos))
 
 
 def rotary(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
