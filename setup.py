@@ -40,5 +40,5 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5"],
     },
-    entry_points={"console_scripts": ["safejax=safejax.cli:main"]},
+    entry_points={"console_scripts": ["safejax=safejax.cli:run"]},
 )

@@ -365,5 +365,25 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+# Subcommands whose compiled steps allocate temporaries large enough for huge pages to pay
+# (safejax/host_memory.py; measured in benchmarks/PEERS.md). The input pipeline alone ran a few
+# percent slower with them, so the data jobs keep the default pages.
+HUGE_PAGE_COMMANDS = (("train",), ("bench", "train"))
+
+
+def is_huge_page_command(argv: list[str]) -> bool:
+    words = [a for a in argv if not a.startswith("-")]
+    return any(tuple(words[: len(c)]) == c for c in HUGE_PAGE_COMMANDS)
+
+
+def run() -> None:
+    """The console script: restarts with huge pages first where that pays, then runs `main`."""
+    if is_huge_page_command(sys.argv[1:]):
+        from safejax import host_memory
+
+        host_memory.restart_with_huge_pages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
