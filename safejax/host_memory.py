@@ -39,8 +39,9 @@ def should_restart(environ, glibc_version: tuple[int, ...] | None, thp_mode: str
 
 def restart_with_huge_pages() -> None:
     """Replaces this process with itself under `glibc.malloc.hugetlb=1` when `should_restart`."""
-    if not should_restart(os.environ, _glibc_version(), _thp_mode(), _accelerator_installed()):
-        return
+    if not sys.executable or not should_restart(os.environ, _glibc_version(), _thp_mode(),
+                                                 _accelerator_installed()):
+        return  # (an embedded interpreter has no executable to restart)
     env = dict(os.environ)
     env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), f"{TUNABLE}=1"]))
     sys.stdout.flush()
