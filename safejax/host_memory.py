@@ -74,4 +74,4 @@ def _accelerator_installed() -> bool:
     if importlib.util.find_spec("libtpu") is not None:
         return True
     plugins = importlib.util.find_spec("jax_plugins")
-    return plugins is not None and any(True for _ in pkgutil.iter_modules(plugins.submodule_search_locations))
+    return plugins is not None and next(pkgutil.iter_modules(plugins.submodule_search_locations), None) is not None
