@@ -11,7 +11,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["safejax", "safejax.*", "benchmarks", "benchmarks.*"]),
-    package_data={"safejax": ["assets/corpus/*", "assets/vocab/*", "assets/labeled/*"]},
+    package_data={"safejax": ["assets/corpus/*", "assets/vocab/*", "assets/labeled/*", "assets/prompts/*",
+                             "assets/finetune/*.md", "assets/finetune/*/*"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.10.2",

@@ -10,10 +10,12 @@ the devices), and take the maximum over each document's windows, DOCS_PER_CALL d
 time. Loading and compilation are not timed: every bucket is compiled and --warmup documents are
 scored first. `tokens_per_sec` counts encoder tokens: those of every window including its [CLS]
 and [SEP], not padding. `cpu_seconds` is the process CPU time of the timed part (all threads), a
-check on a machine shared with other jobs.
+check on a machine shared with other jobs. `full_corpus_estimate_s` is the whole bundled corpus's
+window tokens at the measured tokens/s (the cost of a window is nearly linear in its tokens at
+these lengths), so a `--docs` subset estimates what `safejax score` takes on all of it.
 
 Without --checkpoint the classifier is the pretrained all-MiniLM-L6-v2 encoder of
-configs/classifier/minilm.gin (64 tokens) with a seeded random 6-way head, exported the way
+configs/classifier/minilm.gin (256 tokens) with a seeded random 6-way head, exported the way
 `safejax classifier-train` exports a trained one; throughput does not depend on the head's values.
 --docs N takes documents i * total // N (i < N) of the corpus in file order, a spread over every
 source. --dtype sets the encoder's compute dtype (parameters stay float32); the peer's
@@ -93,10 +95,14 @@ def main(argv: list[str]) -> int:
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     windows, _ = scorer.windows(texts)
     lengths = np.array([len(w) for w in windows])
+    corpus_windows, _ = scorer.windows(corpus_texts(None))
+    corpus_tokens = sum(map(len, corpus_windows))
     result = {"docs_per_sec": round(len(texts) / seconds, 2), "tokens_per_sec": round(lengths.sum() / seconds, 1),
               "windows_per_sec": round(len(windows) / seconds, 1), "seconds": round(seconds, 3),
               "cpu_seconds": round(cpu, 3),
               "docs": len(texts), "windows": len(windows), "tokens": int(lengths.sum()),
+              "corpus_windows": len(corpus_windows), "corpus_tokens": int(corpus_tokens),
+              "full_corpus_estimate_s": round(corpus_tokens / (lengths.sum() / seconds), 1),
               "batch": args.batch, "seq_len": scorer.scorer.cfg.seq_len, "overlap": args.overlap,
               "dtype": scorer.scorer.cfg.encoder.dtype,
               "model": args.checkpoint or "all-MiniLM-L6-v2 + random head", "windows_sha1": windows_digest(windows),

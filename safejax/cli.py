@@ -108,7 +108,7 @@ def cmd_score(args, bindings) -> int:
     from safejax import parallel
 
     parallel.initialize_distributed()
-    options = dict(batch_size=args.batch_size, overlap=args.overlap, dtype=args.dtype)
+    options = dict(batch_size=args.batch_size, overlap=args.overlap, dtype=args.dtype, rule=args.rule)
     if args.beam:
         from safejax.safety import scoring_beam
 
@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                        help="matmul precision (default: the checkpoint's); bfloat16 is ~1.8x faster on CPUs with "
                             "AVX512-BF16 and changed 0.16%% of test-split scores (benchmarks/PEERS.md)")
+    score.add_argument("--rule", choices=("calibrated", "max"), default=None,
+                       help="document rule (default: the checkpoint's, calibrated; max: the paper's highest "
+                            "window, recall first; safety/windows.py)")
     score.add_argument("--beam", action="store_true", help="run as an Apache Beam pipeline; its options "
                                                           "go after -- (default DirectRunner)")
     score.set_defaults(run=cmd_score)

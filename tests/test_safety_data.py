@@ -347,6 +347,19 @@ def test_split_puts_every_document_in_exactly_one_score_folder(split_dir, data_f
     assert "other inputs" in capsys.readouterr().err
 
 
+def test_split_thresholds_the_continuous_score_when_asked(data_files, tmp_path):
+    out = str(tmp_path / "by_expected")
+    bindings = ["--gin." + b.replace(" = ", "=") for b in fx.bindings(data_files)]
+    shifted = ["--gin.split_by_score.score_field='expected_score'",
+               "--gin.split_by_score.cuts=[0.2, 1.2, 2.2, 3.2, 4.2]"]  # expected_score = score + 0.3
+    assert cli.main(["data", "split", "--output", out] + bindings + shifted) == 0
+    folders = _folder_ids(out)
+    assert not folders[0] and sum(map(len, folders.values())) == 240
+    for score, ids in folders.items():
+        assert all(min(fx.score_of(int(i[4:])) + 1, 5) == score for i in ids)
+    assert json.load(open(os.path.join(out, sources.MANIFEST)))["score_field"] == "expected_score"
+
+
 @pytest.mark.parametrize("split_name", ["train", "validation"])
 def test_tasks_over_score_folders_give_the_same_documents_as_the_join(safety, split_dir, split_name):
     safety("corpus/jsonl_source.validation_permille = 200")

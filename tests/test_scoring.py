@@ -93,9 +93,12 @@ def test_a_document_scores_the_maximum_over_its_windows(model_dir):
 
     scorer.scorer.probs_ids = probs_ids
     long_text = " ".join(["calm"] * 100 + ["alarm"] + ["calm"] * 100)
-    (safe, _, n1), (unsafe, p, n2) = scorer.score(["calm calm", long_text])
-    assert (safe, n1) == (0, 1)
-    assert unsafe == 4 and n2 > 3 and p[4] == pytest.approx(0.75)
+    safe, unsafe = scorer.score(["calm calm", long_text])
+    assert scorer.rule == {"kind": "max"}  # an export without a fitted rule
+    assert (safe.score, safe.windows) == (0, 1)
+    assert unsafe.score == 4 and unsafe.windows > 3 and unsafe.probs[4] == pytest.approx(0.75)
+    assert unsafe.p_at_least.tolist() == pytest.approx([0.95, 0.9, 0.85, 0.8, 0.05])
+    assert unsafe.expected_score == pytest.approx(sum([0.95, 0.9, 0.85, 0.8, 0.05]))
 
 
 def test_windows_score_as_their_texts_do(model_dir):
@@ -104,7 +107,7 @@ def test_windows_score_as_their_texts_do(model_dir):
     ids, owner = scorer.windows(texts)
     as_text = [scorer._tokenizer.decode(w) for w in ids]  # noqa: SLF001
     np.testing.assert_allclose(scorer.scorer.probs_ids(ids), scorer.scorer.probs(as_text), atol=1e-6)
-    assert [n for _, _, n in scorer.score(texts)] == np.bincount(owner).tolist()
+    assert [d.windows for d in scorer.score(texts)] == np.bincount(owner).tolist()
 
 
 def test_bfloat16_scoring_is_close_to_float32(model_dir):
@@ -133,6 +136,8 @@ def test_score_shards_are_valid_and_a_rerun_skips_finished_shards(model_dir, cor
     with gzip.open(os.path.join(out, _shards(out)[0]), "rt") as f:
         record = json.loads(f.readline())
     assert record["score"] == int(np.argmax(record["probs"])) and record["windows"] >= 1
+    assert record["rule"] == "max" and len(record["p_at_least"]) == 5
+    assert record["expected_score"] == pytest.approx(sum(record["p_at_least"]), abs=1e-3)
 
     again = scoring.score_corpus(model_dir, corpus, out, batch_size=8, overlap=8, progress_bar=False)
     assert again["documents"] == 0 and again["shards_already_done"] == 2
@@ -162,3 +167,10 @@ def test_score_command_prints_a_summary(model_dir, corpus, tmp_path, capsys):
     assert cli.main(["score", "--checkpoint", str(tmp_path), "--input", corpus[0], "--output",
                      str(tmp_path / "t")]) == 2
     assert "not an exported classifier" in capsys.readouterr().err
+    # the mistyped checkpoint claimed nothing: the corrected command runs in the same folder
+    assert cli.main(["score", "--checkpoint", model_dir, "--input", corpus[0], "--output",
+                     str(tmp_path / "t"), "--batch_size", "8", "--overlap", "8"]) == 0
+    capsys.readouterr()
+    assert cli.main(["score", "--checkpoint", model_dir, "--input", corpus[0], "--output",
+                     str(tmp_path / "u"), "--overlap", "8", "--rule", "calibrated"]) == 2
+    assert "no fitted document rule" in capsys.readouterr().err

@@ -6,7 +6,11 @@ Format (written by `safejax score`, read here): JSONL or JSONL.gz files, one obj
      "categories": {"violence": 3}, "reason": "...", "scorer": "classifier"}
 
 `id` (string) and `score` (integer 0..5) are required; `probs` (6 floats summing to 1),
-`categories` (name -> 0..5), `reason` and `scorer` are optional and kept for inspection. Files
+`categories` (name -> 0..5), `reason` and `scorer` are optional and kept for inspection. The
+classifier also writes continuous scores, `expected_score` (0..5) and `p_at_least` (P(score >= k)
+for k = 1..5): `read_scores(..., field="expected_score", cuts=...)` bins one of those into
+0..5 instead, with thresholds a user chose on validation data (as with FineWeb-Edu's `score`
+beside its `int_score`). Files
 are conventionally named `scores-00000-of-00008.jsonl.gz`, but any file list or glob works.
 
 An id may be scored more than once (the classifier and an LLM labeler, say): the join uses the
@@ -56,8 +60,33 @@ def write_score_shard(path: str, records: Iterable[dict]) -> int:
     return count
 
 
-def read_scores(patterns: Sequence[str] | str) -> dict[str, int]:
-    """All shards as {id: score}, the maximum where an id is scored more than once."""
+DEFAULT_CUTS = (0.5, 1.5, 2.5, 3.5, 4.5)  # expected_score rounded to the nearest integer
+
+
+def check_cuts(cuts: Sequence[float]) -> tuple[float, ...]:
+    cuts = tuple(float(c) for c in cuts)
+    if len(cuts) != NUM_SCORES - 1 or list(cuts) != sorted(cuts):
+        raise errors.UserError(f"score cuts must be {NUM_SCORES - 1} increasing thresholds, got {list(cuts)}")
+    return cuts
+
+
+def continuous_value(record: dict, field: str, path: str, line: int) -> float:
+    """A continuous score field: a number, or `p_at_least[k]` (k = 1..5) for one level's P(score >= k)."""
+    name, _, level = field.partition(":")
+    value = record.get(name)
+    if level:
+        value = value[int(level) - 1] if isinstance(value, list) and 1 <= int(level) <= len(value) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise errors.UserError(f"score shard {path} line {line}: no number in field {field!r}")
+    return float(value)
+
+
+def read_scores(patterns: Sequence[str] | str, field: str = "score",
+                cuts: Sequence[float] = DEFAULT_CUTS) -> dict[str, int]:
+    """All shards as {id: score}, the maximum where an id is scored more than once. With another
+    `field` than "score" (e.g. "expected_score", or "p_at_least:3" for P(score >= 3)), the score
+    is the number of `cuts` at or below that field's value."""
+    cuts = check_cuts(cuts)
     scores: dict[str, int] = {}
     for path in sources.expand_files(patterns):
         with sources.open_file(path, "rt") as f:
@@ -69,6 +98,8 @@ def read_scores(patterns: Sequence[str] | str) -> dict[str, int]:
                 except json.JSONDecodeError as e:
                     raise errors.UserError(f"score shard {path} line {line_no}: bad JSON ({e.msg})") from e
                 doc_id, score = check_score_record(record, path, line_no)
+                if field != "score":
+                    score = int(np.searchsorted(cuts, continuous_value(record, field, path, line_no), side="right"))
                 scores[doc_id] = max(score, scores.get(doc_id, MISSING))
     return scores
 

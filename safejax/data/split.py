@@ -84,17 +84,25 @@ def _split_shard(source, table: dict[str, int], output_dir: str, shard: int, sha
 
 @gin.configurable
 def split_by_score(output_dir: str, corpus: seqio.DataSource = gin.REQUIRED,
-                   scores: Sequence[str] | None = None, on_missing_score: str = "error") -> dict:
+                   scores: Sequence[str] | None = None, on_missing_score: str = "error",
+                   score_field: str = "score", cuts: Sequence[float] = scores_lib.DEFAULT_CUTS) -> dict:
     """Writes the corpus into score folders under `output_dir`; returns documents per score
-    written by this run (finished shards are skipped) and the quarantine counts."""
+    written by this run (finished shards are skipped) and the quarantine counts.
+
+    `score_field` "score" uses the integer score; a continuous field ("expected_score", or
+    "p_at_least:K") is binned by the 5 increasing `cuts` (scores.read_scores)."""
     if not scores:
         raise errors.UserError("data split needs score shards: set SCORES (split_by_score.scores)")
     preprocessors.check_missing_policy(on_missing_score)
     files = sources.expand_files(scores)
     shards = corpus.list_shards("train")
-    sources.claim_output_dir(output_dir, {"corpus": list(shards), "scores": files, "on_missing_score": on_missing_score},
+    cuts = scores_lib.check_cuts(cuts)
+    policy = {"on_missing_score": on_missing_score, "score_field": score_field}
+    if score_field != "score":
+        policy["cuts"] = list(cuts)
+    sources.claim_output_dir(output_dir, {"corpus": list(shards), "scores": files, **policy},
                              f"{output_dir} holds a split of other inputs; write to a new directory")
-    table = scores_lib.read_scores(files)
+    table = scores_lib.read_scores(files, score_field, cuts)
     for folder in ["tmp", *(FOLDER.format(s) for s in range(scores_lib.NUM_SCORES))]:
         tf.io.gfile.makedirs(os.path.join(output_dir, folder))
     totals = dict.fromkeys(range(scores_lib.NUM_SCORES), 0)

@@ -91,6 +91,30 @@ def export(params: dict, cfg: ClassifierConfig, directory: str) -> str:
     return directory
 
 
+def read_export_record(directory: str) -> dict:
+    """classifier.json of an export: its config, and the calibration and document rule that
+    `safejax classifier-train` adds after training (absent: uncalibrated, max over windows)."""
+    path = os.path.join(directory, EXPORT_CONFIG)
+    if not os.path.isfile(path):
+        raise errors.UserError(f"{directory} is not an exported classifier (no {EXPORT_CONFIG}); "
+                               f"pass the model/ folder that safejax classifier-train writes")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise errors.UserError(f"{path}: not a classifier config ({' '.join(str(e).split())})") from e
+
+
+def update_export_record(directory: str, **fields) -> None:
+    """Adds fields (calibration, document rule) to an export's classifier.json."""
+    record = read_export_record(directory)
+    record.update(fields)
+    path = os.path.join(directory, EXPORT_CONFIG)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def read_export_config(directory: str) -> ClassifierConfig:
     path = os.path.join(directory, EXPORT_CONFIG)
     if not os.path.isfile(path):
@@ -117,11 +141,18 @@ class Scorer:
 
     IN_FLIGHT = 4
 
-    def __init__(self, directory: str, *, batch_size: int = 32, mesh=None, dtype: str | None = None):
-        """`dtype` overrides the export's compute dtype (e.g. "bfloat16"); parameters stay float32."""
+    def __init__(self, directory: str, *, batch_size: int = 32, mesh=None, dtype: str | None = None,
+                 calibrated: bool = True):
+        """`dtype` overrides the export's compute dtype (e.g. "bfloat16"); parameters stay float32.
+        Probabilities are calibrated by the export's temperature and bias (safety/calibration.py)
+        unless `calibrated` is False (the raw head, for fitting them)."""
         import orbax.checkpoint as ocp
 
         self.cfg = read_export_config(directory)
+        self.record = read_export_record(directory)
+        calibration = self.record.get("calibration") if calibrated else None
+        self.temperature = float(calibration["temperature"]) if calibration else 1.0
+        self.bias = np.asarray(calibration["bias"] if calibration else np.zeros(self.cfg.num_classes), np.float32)
         if dtype not in (None, "float32", "bfloat16"):
             raise errors.UserError(f"scoring dtype must be float32 or bfloat16, got {dtype!r}")
         if dtype is not None:
@@ -148,7 +179,7 @@ class Scorer:
 
     def _forward(self, params, tokens, mask):
         model = nnx.merge(self.graphdef, params)
-        return jax.nn.softmax(model(tokens, mask), axis=-1)
+        return jax.nn.softmax(model(tokens, mask) / self.temperature + self.bias, axis=-1)
 
     def buckets(self) -> list[int]:
         """Padded lengths: powers of two from 16, and seq_len (one compilation each)."""

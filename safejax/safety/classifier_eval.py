@@ -18,7 +18,8 @@ import os
 
 import numpy as np
 
-from safejax.safety import labeled, rubric
+from safejax.data import sources
+from safejax.safety import documents, labeled, rubric
 
 # PAPER.md §1, held-out set of 3,001 examples (None: not reported).
 PAPER_FIGURES = {
@@ -148,6 +149,9 @@ def evaluate(workdir: str, split: str = "test", batch_size: int = 32) -> dict:
                        "scores": {int(k): int(v) for k, v in sorted(collections.Counter(y_true.tolist()).items())},
                        "train_n": len(train_labels)}
     report["paper"] = PAPER_FIGURES
+    doc_cfg = documents.DocumentDataConfig()
+    report["documents"] = document_evaluation(os.path.join(workdir, "model"), doc_cfg, split, batch_size)
+    report["judge"] = judge_evaluation(os.path.join(workdir, "model"), doc_cfg, split, batch_size)
     report["notes"] = {"f1": "macro F1 over the scores present in the held-out labels",
                        "r_at_k": "recall of true score >= k by predicted score >= k; p_at_k its precision",
                        "seq_len": scorer.cfg.seq_len}
@@ -196,4 +200,132 @@ def markdown(report: dict) -> str:
                          f"{_fmt(point.get('precision'))} | {_fmt(base[f'r_at_{k}'])} | {_fmt(base[f'p_at_{k}'])} |")
     lines += ["", "Confusion matrix of ours (rows: true score 0-5, columns: predicted):", ""]
     lines += ["    " + " ".join(f"{v:6d}" for v in row) for row in report["confusion"]["model"]]
+    if "documents" in report:
+        lines += ["", documents_markdown(report["documents"])]
+    if "judge" in report:
+        lines += ["", judge_markdown(report["judge"])]
+    return "\n".join(lines) + "\n"
+
+
+# ---- whole documents ----
+
+def _expectation(kind: str, level: int, share: float, hist: np.ndarray) -> dict:
+    n = max(int(hist.sum()), 1)
+    if kind == "share_le":
+        value, met, text = hist[:level + 1].sum() / n, None, f">= {share:.0%} score <= {level}"
+        met = value >= share
+    elif kind == "share_ge":
+        value, text = hist[level:].sum() / n, f">= {share:.0%} score >= {level}"
+        met = value >= share
+    else:  # max_share_ge
+        value, text = hist[level:].sum() / n, f"<= {share:.0%} score >= {level}"
+        met = value <= share
+    return {"expectation": text, "value": float(value), "met": bool(met)}
+
+
+def document_evaluation(model_dir: str, doc_cfg, split: str = "test", batch_size: int = 32) -> dict:
+    """Every evaluated source's `split` documents through `safejax score`'s own scorer, under the
+    export's document rule and under "max": score histograms, the expectations of
+    documents.EXPECTATIONS, and precision/recall where documents carry labels."""
+    from safejax.safety.scoring import DocumentScorer
+    from safejax.safety.windows import document_scores
+
+    scorer = DocumentScorer(model_dir, batch_size=batch_size)
+    rules = {"default": scorer.rule, "max": {"kind": "max"}}
+    sets = documents.eval_sets(doc_cfg, split)
+    report = {"split": split, "rule": scorer.rule["kind"], "split_fractions": list(doc_cfg.split_fractions),
+              "seed": doc_cfg.seed, "sources": {}}
+    scored = {}
+    for name, docs in sets.items():
+        ids, owner = scorer.windows([d.text for d in docs])
+        probs = scorer.scorer.probs_ids(ids) if ids else np.zeros((0, rubric.NUM_CLASSES), np.float32)
+        entry = {"n": len(docs), "windows": len(ids)}
+        for rule_name, rule in rules.items():
+            results = document_scores(probs, owner, len(docs), rule)
+            hist = np.bincount([r.score for r in results], minlength=rubric.NUM_CLASSES)
+            entry[rule_name] = {
+                "histogram": hist.tolist(),
+                "mean_expected_score": float(np.mean([r.expected_score for r in results])) if results else None,
+                "expectations": [_expectation(*e, hist) for e in documents.EXPECTATIONS.get(name, ())]}
+            scored[(name, rule_name)] = results
+        labels = [d.score for d in docs]
+        if docs and all(s is not None for s in labels):
+            entry["labeled"] = metrics(np.array(labels), np.array([r.score for r in scored[(name, "default")]]))
+        report["sources"][name] = entry
+    if ("xstest_safe", "default") in scored and ("xstest_unsafe", "default") in scored:
+        report["xstest"] = {}
+        for rule_name in rules:
+            pred = np.array([r.score >= 3 for r in scored[("xstest_safe", rule_name)] + scored[("xstest_unsafe", rule_name)]])
+            truth = np.array([False] * len(sets["xstest_safe"]) + [True] * len(sets["xstest_unsafe"]))
+            report["xstest"][rule_name] = binary(truth, pred)
+    met = [e["met"] for s in report["sources"].values() for e in s["default"]["expectations"]]
+    report["expectations_met"] = f"{sum(met)}/{len(met)}"
+    return report
+
+
+def documents_markdown(report: dict) -> str:
+    lines = [f"## Whole documents ({report['split']} split by document id, fractions "
+             f"{report['split_fractions']}, seed {report['seed']}; rule: {report['rule']})", "",
+             "Histogram: documents scoring 0 / 1 / 2 / 3 / 4 / 5.", "",
+             "| source | docs | windows | histogram | expectation | value | met | with the max rule |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, entry in report["sources"].items():
+        default, plain = entry["default"], entry["max"]
+        hist = " / ".join(map(str, default["histogram"]))
+        plain_hist = " / ".join(map(str, plain["histogram"]))
+        expectations = default["expectations"] or [{"expectation": "–", "value": None, "met": None}]
+        for i, e in enumerate(expectations):
+            value = "–" if e["value"] is None else f"{e['value']:.3f}"
+            met = "–" if e["met"] is None else ("yes" if e["met"] else "**no**")
+            first = i == 0
+            plain_value = (f"{plain['expectations'][i]['value']:.3f}" if plain["expectations"] else "")
+            lines.append(f"| {name if first else ''} | {entry['n'] if first else ''} | "
+                         f"{entry['windows'] if first else ''} | {hist if first else ''} | {e['expectation']} | "
+                         f"{value} | {met} | {plain_hist + ' (' + plain_value + ')' if first else plain_value} |")
+    if "xstest" in report:
+        lines += ["", "XSTest as one labeled set (unsafe = positive, predicted = score >= 3): "
+                  + "; ".join(f"{rule}: recall {_fmt(v['recall'])}, precision {_fmt(v['precision'])}"
+                              for rule, v in report["xstest"].items())]
+    lines += ["", f"Expectations met (default rule): {report['expectations_met']}."]
+    return "\n".join(lines) + "\n"
+
+
+# ---- the classifier as an evaluation judge ----
+
+JUDGE_THRESHOLD = 3  # `safejax eval`'s classifier judge: a continuation scoring >= 3 is harmful
+GSM8K_TEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "finetune",
+                          "gsm8k", "test.jsonl.gz")
+CONTINUATION_TOKENS = 64  # the length of a continuation the judge reads
+CONTINUATIONS_PER_SOURCE = 300
+
+
+def judge_evaluation(model_dir: str, doc_cfg, split: str = "test", batch_size: int = 32) -> dict:
+    """False-positive rate of the judge (score >= JUDGE_THRESHOLD, and >= 4) on benign text of
+    continuation length: GSM8K answers, and 64-token spans of the clean sources' held-out
+    documents (what a model trained on them continues with)."""
+    from safejax.safety.scoring import DocumentScorer
+
+    scorer = DocumentScorer(model_dir, batch_size=batch_size)
+    with sources.open_file(GSM8K_TEST, "rt") as f:
+        sets = {"gsm8k_answers": [json.loads(line)["answer"] for line in f if line.strip()]}
+    cutter = documents.WindowCutter(scorer.scorer.tokenizer, CONTINUATION_TOKENS)
+    corpus = documents.load_corpus(doc_cfg)
+    for name in doc_cfg.clean_sources:
+        spans = [w for d in corpus[name][split] for w in cutter(d.text)]
+        rng = np.random.default_rng(doc_cfg.seed)
+        keep = rng.choice(len(spans), min(len(spans), CONTINUATIONS_PER_SOURCE), replace=False) if spans else []
+        sets[f"{name}_spans"] = [spans[i] for i in sorted(keep)]
+    out = {"threshold": JUDGE_THRESHOLD, "rule": scorer.rule["kind"], "sets": {}}
+    for name, texts in sets.items():
+        found = np.array([d.score for d in scorer.score(texts)]) if texts else np.zeros(0, int)
+        out["sets"][name] = {"n": len(texts), "false_positive_rate": float((found >= JUDGE_THRESHOLD).mean()) if texts else None,
+                             "rate_at_4": float((found >= 4).mean()) if texts else None}
+    return out
+
+
+def judge_markdown(report: dict) -> str:
+    lines = [f"## As an evaluation judge (harmful = score >= {report['threshold']}, rule {report['rule']})", "",
+             "| benign set | n | false positives (>= 3) | (>= 4) |", "|---|---|---|---|"]
+    for name, v in report["sets"].items():
+        lines.append(f"| {name} | {v['n']} | {_fmt(v['false_positive_rate'])} | {_fmt(v['rate_at_4'])} |")
     return "\n".join(lines) + "\n"

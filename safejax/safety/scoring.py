@@ -2,8 +2,10 @@
 
 Long documents are cut into windows of the classifier's length that overlap by `overlap`
 tokens, all windows are scored (length-bucketed, jit-compiled batches sharded over the devices,
-models/classifier.Scorer), and a document's score is the maximum over its windows (PAPER.md §1:
-one unsafe passage makes the document unsafe); `probs` are those of its highest-scoring window.
+models/classifier.Scorer), and the document rule of the export (safety/windows.py: "calibrated"
+by default, "max" as in PAPER.md §1 with `rule="max"`) turns them into the document's `score`
+(integer 0-5), `expected_score` (continuous 0-5) and `p_at_least` (P(score >= k), k = 1..5), the
+fields a filter thresholds on; `probs` are those of its highest-scoring window.
 
 Malformed input records are set aside in OUTPUT/quarantine-P.jsonl with file and line. One
 output shard per input file, written whole and then renamed into place, so a killed job
@@ -25,7 +27,7 @@ from safejax import errors
 from safejax.data import scores as scores_lib
 from safejax.data import sources
 from safejax.data.quarantine import QUARANTINE
-from safejax.safety.windows import document_scores, window_spans
+from safejax.safety.windows import DocumentScore, document_scores, window_spans
 
 DOCS_PER_CALL = 256  # documents windowed and scored together (their windows sorted by length)
 
@@ -37,12 +39,20 @@ class DocumentScorer:
     of those ids between the encoder's special tokens, so no window is tokenized again.
     """
 
-    def __init__(self, checkpoint: str, *, batch_size: int = 64, overlap: int = 32, dtype: str | None = None):
+    def __init__(self, checkpoint: str, *, batch_size: int = 64, overlap: int = 32, dtype: str | None = None,
+                 rule: str | None = None, calibrated: bool = True):
+        """`rule`: "calibrated" or "max" (None: the export's, "max" for an export without one)."""
         import tokenizers
 
         from safejax.models.classifier import Scorer
 
-        self.scorer = Scorer(_model_dir(checkpoint), batch_size=batch_size, dtype=dtype)
+        self.scorer = Scorer(model_dir(checkpoint), batch_size=batch_size, dtype=dtype, calibrated=calibrated)
+        fitted = self.scorer.record.get("document_rule") if calibrated else None
+        if rule not in (None, "max", "calibrated"):
+            raise errors.UserError(f"--rule must be max or calibrated, got {rule!r}")
+        if rule == "calibrated" and fitted is None:
+            raise errors.UserError(f"{checkpoint} has no fitted document rule; retrain it or use --rule max")
+        self.rule = {"kind": "max"} if rule == "max" or fitted is None else fitted
         self.window = self.scorer.cfg.seq_len - 2  # room for [CLS] and [SEP]
         if not 0 <= overlap < self.window:
             raise errors.UserError(f"--overlap must be in [0, {self.window}), got {overlap}")
@@ -64,10 +74,9 @@ class DocumentScorer:
                 owner.append(i)
         return windows, np.asarray(owner, np.int64)
 
-    def score(self, texts: Sequence[str]) -> list[tuple[int, np.ndarray, int]]:
-        """(score, probs of the deciding window, number of windows) per text."""
+    def score(self, texts: Sequence[str]) -> list[DocumentScore]:
         windows, owner = self.windows(texts)
-        return document_scores(self.scorer.probs_ids(windows), owner, len(texts))
+        return document_scores(self.scorer.probs_ids(windows), owner, len(texts), self.rule)
 
 
 def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
@@ -77,7 +86,7 @@ def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     return encoding.ids[:body[0]], encoding.ids[body[-1] + 1:]
 
 
-def _model_dir(checkpoint: str) -> str:
+def model_dir(checkpoint: str) -> str:
     """A training workdir or its exported model folder."""
     inner = os.path.join(checkpoint, "model")
     return inner if tf.io.gfile.isdir(inner) else checkpoint
@@ -109,10 +118,12 @@ def score_shard(scorer: DocumentScorer, index: int, path: str, output_dir: str,
     tf.io.gfile.makedirs(os.path.dirname(partial))
     with sources.open_file(partial, "wt") as out:
         for batch in _batches(sources.iter_records([path]), docs_per_batch):
-            for record, (score, probs, windows) in zip(batch, scorer.score([r["text"] for r in batch])):
-                line = {"id": str(record["id"]), "score": score,
-                        "probs": [round(float(p), 6) for p in probs], "windows": windows,
-                        "scorer": "classifier"}
+            for record, doc in zip(batch, scorer.score([r["text"] for r in batch])):
+                line = {"id": str(record["id"]), "score": doc.score,
+                        "expected_score": round(doc.expected_score, 4),
+                        "p_at_least": [round(float(p), 6) for p in doc.p_at_least],
+                        "probs": [round(float(p), 6) for p in doc.probs], "windows": doc.windows,
+                        "scorer": "classifier", "rule": scorer.rule["kind"]}
                 scores_lib.check_score_record(line, target, count + 1)
                 out.write(json.dumps(line) + "\n")
                 count += 1
@@ -122,25 +133,28 @@ def score_shard(scorer: DocumentScorer, index: int, path: str, output_dir: str,
     return count
 
 
-def check_manifest(output_dir: str, checkpoint: str, files: list[str]) -> None:
-    """One output folder, one model and input list: a rerun resumes, a different job is refused."""
-    manifest = {"checkpoint": os.path.abspath(checkpoint), "inputs": [os.path.abspath(f) for f in files]}
+def check_manifest(output_dir: str, checkpoint: str, files: list[str], rule: str | None = None) -> None:
+    """One output folder, one model, rule and input list: a rerun resumes, another job is refused."""
+    manifest = {"checkpoint": os.path.abspath(checkpoint), "inputs": [os.path.abspath(f) for f in files],
+                "rule": rule or "export"}
     sources.claim_output_dir(output_dir, manifest,
                              f"{output_dir} holds scores of another model or input list; use a new --output")
 
 
 def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, batch_size: int = 64,
-                 overlap: int = 32, progress_bar: bool = True, dtype: str | None = None) -> dict:
+                 overlap: int = 32, progress_bar: bool = True, dtype: str | None = None,
+                 rule: str | None = None) -> dict:
     """Scores every input file this process owns; returns a summary. `dtype` "bfloat16" runs the
     encoder's matmuls in bf16 (about 1.8x less CPU; agreement with float32 in benchmarks/PEERS.md)."""
     import jax
 
     files = sources.expand_files(inputs)
+    # The model first: a mistyped --checkpoint must not claim the output folder for itself.
+    scorer = DocumentScorer(checkpoint, batch_size=batch_size, overlap=overlap, dtype=dtype, rule=rule)
     if jax.process_index() == 0:
-        check_manifest(output_dir, checkpoint, files)
+        check_manifest(output_dir, checkpoint, files, rule)
     QUARANTINE.reset()  # the summary counts this job's records only
     QUARANTINE.write_to(os.path.join(output_dir, f"quarantine-{jax.process_index()}.jsonl"))
-    scorer = DocumentScorer(checkpoint, batch_size=batch_size, overlap=overlap, dtype=dtype)
     mine = [(i, f) for i, f in enumerate(files) if i % jax.process_count() == jax.process_index()]
     skipped = sum(tf.io.gfile.exists(os.path.join(output_dir, shard_name(i, f))) for i, f in mine)
     with tqdm.tqdm(unit=" docs", disable=not progress_bar, desc="scoring") as bar:

@@ -16,19 +16,19 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from safejax.data import sources
 from safejax.data.quarantine import QUARANTINE
+from safejax.models.classifier import read_export_config
 from safejax.safety import scoring
 
 
 class ScoreShards(beam.DoFn):
-    def __init__(self, checkpoint: str, output_dir: str, batch_size: int, overlap: int, dtype: str | None):
-        self._checkpoint, self._output_dir = checkpoint, output_dir
-        self._batch_size, self._overlap, self._dtype = batch_size, overlap, dtype
+    def __init__(self, checkpoint: str, output_dir: str, options: dict):
+        """`options`: DocumentScorer's keyword arguments (batch_size, overlap, dtype, rule)."""
+        self._checkpoint, self._output_dir, self._options = checkpoint, output_dir, options
         self._scorer = None
 
     def setup(self):
         QUARANTINE.write_to(os.path.join(self._output_dir, f"quarantine-{uuid.uuid4().hex}.jsonl"))
-        self._scorer = scoring.DocumentScorer(self._checkpoint, batch_size=self._batch_size,
-                                              overlap=self._overlap, dtype=self._dtype)
+        self._scorer = scoring.DocumentScorer(self._checkpoint, **self._options)
 
     def process(self, shard):
         index, path = shard
@@ -36,13 +36,15 @@ class ScoreShards(beam.DoFn):
 
 
 def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, beam_args: Sequence[str],
-                 *, batch_size: int = 64, overlap: int = 32, dtype: str | None = None) -> dict:
+                 *, batch_size: int = 64, overlap: int = 32, dtype: str | None = None,
+                 rule: str | None = None) -> dict:
     """Runs the pipeline (DirectRunner unless `beam_args` name another); returns a summary."""
     files = sources.expand_files(inputs)
-    scoring.check_manifest(output_dir, checkpoint, files)
-    options = PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])
-    with beam.Pipeline(options=options) as pipeline:
+    read_export_config(scoring.model_dir(checkpoint))  # a mistyped --checkpoint must not claim the folder
+    scoring.check_manifest(output_dir, checkpoint, files, rule)
+    options = dict(batch_size=batch_size, overlap=overlap, dtype=dtype, rule=rule)
+    with beam.Pipeline(options=PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])) as pipeline:
         _ = (pipeline | "shards" >> beam.Create(list(enumerate(files)))
              | "spread" >> beam.Reshuffle()
-             | "score" >> beam.ParDo(ScoreShards(checkpoint, output_dir, batch_size, overlap, dtype)))
+             | "score" >> beam.ParDo(ScoreShards(checkpoint, output_dir, options)))
     return {"output": os.path.abspath(output_dir), "shards": len(files)}

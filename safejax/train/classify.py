@@ -33,7 +33,7 @@ from flax import nnx
 from safejax import config, errors, parallel
 from safejax.models import encoder as enc
 from safejax.models.classifier import ClassifierConfig, SafetyClassifier, export, is_head
-from safejax.safety import labeled
+from safejax.safety import calibration, documents, labeled
 from safejax.train import optim
 from safejax.train.checkpoint import Checkpointer
 from safejax.train.trainer import TrainConfig, Trainer, fit
@@ -107,7 +107,7 @@ class ClassifierTrainConfig:
 
     def steps(self, examples: int) -> tuple[int, int]:
         """(head-only steps, total steps) for a training split of `examples`."""
-        per_epoch = examples / self.batch_size
+        per_epoch = examples // self.batch_size
         head = math.ceil(self.head_epochs * per_epoch)
         return head, head + math.ceil(self.finetune_epochs * per_epoch)
 
@@ -138,72 +138,129 @@ def schedule(cfg: ClassifierTrainConfig, head_steps: int) -> optax.Schedule:
 
 @dataclasses.dataclass
 class Encoded:
-    """One split, tokenized once: (n, seq_len) tokens and mask, (n,) labels."""
+    """One split, tokenized once: each example's token ids (special tokens included, at most
+    seq_len) and its label."""
     examples: list[labeled.Example]
-    tokens: np.ndarray
-    mask: np.ndarray
+    rows: list[list[int]]
     labels: np.ndarray
 
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter(map(len, self.rows), np.int64, len(self.rows))
 
-def encode(examples: list[labeled.Example], tokenizer, seq_len: int) -> Encoded:
-    tokens, mask = enc.tokenize(tokenizer, [e.text for e in examples], seq_len)
-    return Encoded(examples, tokens, mask, np.array([e.score for e in examples], np.int32))
+
+def encode(examples: list[labeled.Example], tokenizer) -> Encoded:
+    rows = [e.ids for e in tokenizer.encode_batch([e.text for e in examples])]
+    return Encoded(examples, rows, np.array([e.score for e in examples], np.int32))
 
 
-def _rows(data: Encoded, idx: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
-    return {"tokens": data.tokens[idx], "mask": data.mask[idx], "labels": data.labels[idx],
+def length_buckets(seq_len: int) -> list[int]:
+    """Padded batch lengths: powers of two from 64, and seq_len (one compilation each)."""
+    sizes = [64]
+    while sizes[-1] * 2 < seq_len:
+        sizes.append(sizes[-1] * 2)
+    return [b for b in sizes if b < seq_len] + [seq_len]
+
+
+def _rows(data: Encoded, idx: np.ndarray, valid: np.ndarray, width: int) -> dict[str, np.ndarray]:
+    tokens = np.zeros((len(idx), width), np.int32)
+    for row, k in enumerate(idx):
+        tokens[row, :len(data.rows[k])] = data.rows[k]
+    return {"tokens": tokens, "mask": (tokens != 0).astype(np.int32), "labels": data.labels[idx],
             "valid": valid.astype(np.int32)}
 
 
-def train_batches(data: Encoded, batch_size: int, seed: int, position: int) -> Iterator[dict]:
-    """This process's rows of every global batch from `position` on: epoch e visits the split in
-    the order of a permutation seeded by (seed, e)."""
-    n = len(data.labels)
+def _width(data: Encoded, idx: np.ndarray, buckets: list[int]) -> int:
+    longest = max(len(data.rows[k]) for k in idx)
+    return next(b for b in buckets if b >= longest)
+
+
+POOL_BATCHES = 50  # batches drawn from one sorted pool: similar lengths, still well shuffled
+
+
+def epoch_batches(data: Encoded, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The global batches of one epoch, as example indices: a seeded permutation cut into pools
+    of POOL_BATCHES batches, each pool sorted by length (so a batch pads little), and the batches
+    shuffled again. The permutation's last n % batch_size examples wait for another epoch."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(data.labels))
+    lengths = data.lengths
+    batches = []
+    pool = batch_size * POOL_BATCHES
+    for start in range(0, len(perm) - len(perm) % batch_size, pool):
+        chunk = perm[start:start + pool]
+        chunk = chunk[:len(chunk) - len(chunk) % batch_size]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def train_batches(data: Encoded, batch_size: int, seed: int, position: int, seq_len: int) -> Iterator[dict]:
+    """This process's rows of every global batch from `position` on, padded to the batch's
+    length bucket. The batches are a function of (seed, step), so a resumed run sees the ones
+    the uninterrupted run would have."""
     per_host = batch_size // jax.process_count()
     host_offset = jax.process_index() * per_host
-    perms: dict[int, np.ndarray] = {}
-
-    def index(i: int) -> int:
-        epoch, k = divmod(i, n)
-        if epoch not in perms:
-            perms.clear()
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        return perms[epoch][k]
-
+    buckets = length_buckets(seq_len)
+    per_epoch = len(data.labels) // batch_size
+    if per_epoch == 0:
+        raise errors.UserError(f"the training split ({len(data.labels)}) is smaller than one batch ({batch_size})")
     step = position
+    epoch, batches = None, []
     while True:
-        start = step * batch_size + host_offset
-        idx = np.array([index(i) for i in range(start, start + per_host)])
-        yield _rows(data, idx, np.ones(per_host, bool))
+        if step // per_epoch != epoch:
+            epoch = step // per_epoch
+            batches = epoch_batches(data, batch_size, seed, epoch)
+        idx = batches[step % per_epoch]
+        mine = idx[host_offset:host_offset + per_host]
+        yield _rows(data, mine, np.ones(per_host, bool), _width(data, idx, buckets))
         step += 1
 
 
-def eval_batches(data: Encoded, batch_size: int) -> list[dict]:
-    """The whole split once, the last batch padded with rows of weight 0."""
+def eval_batches(data: Encoded, batch_size: int, seq_len: int) -> list[dict]:
+    """The whole split once, sorted by length, the last batch padded with rows of weight 0."""
     per_host = batch_size // jax.process_count()
     host_offset = jax.process_index() * per_host
+    buckets = length_buckets(seq_len)
     n = len(data.labels)
+    order = np.argsort(data.lengths, kind="stable")
     batches = []
     for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
         pos = np.arange(start + host_offset, start + host_offset + per_host)
-        batches.append(_rows(data, np.minimum(pos, n - 1), pos < n))
+        mine = order[np.minimum(pos, n - 1)]
+        batches.append(_rows(data, mine, pos < n, _width(data, idx, buckets)))
     return batches
 
 
 # ---- the command ----
 
-def build(data_cfg: labeled.LabeledDataConfig, train_cfg: ClassifierTrainConfig, model: ClassifierConfig):
-    """Loads and tokenizes the data, builds the objective, optimizer and trainer."""
+def examples(data_cfg: labeled.LabeledDataConfig, doc_cfg: documents.DocumentDataConfig, tokenizer,
+             seq_len: int) -> tuple[dict[str, list[labeled.Example]], labeled.LoadResult]:
+    """Each split's labeled snippets plus its long examples (safety/documents.py), built from
+    that split's snippets and documents only."""
     splits, loaded = labeled.load(data_cfg)
+    cutter = documents.WindowCutter(tokenizer, seq_len - 2)
+    for name in ("train", "validation"):
+        windows = documents.clean_windows(doc_cfg, name, cutter)
+        splits[name] = splits[name] + documents.long_examples(
+            doc_cfg, splits[name], windows, name, cutter.count, cutter.window)
+    return splits, loaded
+
+
+def build(data_cfg: labeled.LabeledDataConfig, doc_cfg: documents.DocumentDataConfig,
+          train_cfg: ClassifierTrainConfig, model: ClassifierConfig):
+    """Loads and tokenizes the data, builds the objective, optimizer and trainer."""
+    tokenizer = enc.load_tokenizer(model.encoder, model.seq_len)
+    splits, loaded = examples(data_cfg, doc_cfg, tokenizer, model.seq_len)
     if not splits["train"]:
         raise errors.UserError("the classifier's training split is empty (LabeledDataConfig)")
-    tokenizer = enc.load_tokenizer(model.encoder, model.seq_len)
-    train = encode(splits["train"], tokenizer, model.seq_len)
+    train = encode(splits["train"], tokenizer)
     validation = splits["validation"]
     if len(validation) > train_cfg.eval_examples:  # a seeded sample, every source represented
         keep = np.random.default_rng(data_cfg.seed).choice(len(validation), train_cfg.eval_examples, replace=False)
         validation = [validation[i] for i in sorted(keep)]
-    validation = encode(validation, tokenizer, model.seq_len)
+    validation = encode(validation, tokenizer)
     head_steps, total_steps = train_cfg.steps(len(train.labels))
     objective = ClassifierObjective(
         model, class_weights(train_cfg.class_weights, train.labels, model.num_classes),
@@ -219,17 +276,21 @@ def train(workdir: str) -> dict:
     from safejax.safety import classifier_eval
 
     data_cfg, train_cfg, model = labeled.LabeledDataConfig(), ClassifierTrainConfig(), ClassifierConfig()
-    trainer, train_data, validation, lr, loaded = build(data_cfg, train_cfg, model)
+    doc_cfg = documents.DocumentDataConfig()
+    trainer, train_data, validation, lr, loaded = build(data_cfg, doc_cfg, train_cfg, model)
     if jax.process_index() == 0:
         config.write_effective_config(workdir)
         with open(os.path.join(workdir, "data.json"), "w", encoding="utf-8") as f:
             json.dump({**loaded.counts(), "splits_used": {"train": len(train_data.labels),
                                                           "validation": len(validation.labels)},
-                       "train_scores": dict(collections.Counter(map(int, train_data.labels)))}, f, indent=1)
+                       "train_scores": dict(collections.Counter(map(int, train_data.labels))),
+                       "train_kinds": dict(collections.Counter(e.source for e in train_data.examples))},
+                      f, indent=1)
     logging.info("classifier %s on mesh %s", json.dumps(trainer.objective.describe()), dict(trainer.mesh.shape))
     summary = fit(trainer, workdir,
-                  lambda position: train_batches(train_data, train_cfg.batch_size, trainer.cfg.seed, position),
-                  lambda: eval_batches(validation, train_cfg.batch_size), lr)
+                  lambda position: train_batches(train_data, train_cfg.batch_size, trainer.cfg.seed, position,
+                                                 model.seq_len),
+                  lambda: eval_batches(validation, train_cfg.batch_size, model.seq_len), lr)
     summary["head_steps"] = trainer.partial_steps
     if summary["status"] != "completed":
         return summary
@@ -241,6 +302,11 @@ def train(workdir: str) -> dict:
         checkpointer.close()
     if jax.process_index() == 0:
         export(jax.device_get(state["params"]), model, model_dir)
+        corpus = documents.load_corpus(doc_cfg)
+        clean = [d.text for name in doc_cfg.clean_sources for d in corpus[name]["validation"]]
+        summary["calibration"] = calibration.calibrate_export(
+            model_dir, [e.text for e in validation.examples], validation.labels, clean, data_cfg.seed,
+            train_cfg.batch_size)
         if train_cfg.evaluate:
             summary["eval"] = classifier_eval.evaluate(workdir)["model"]
     summary.update(workdir=os.path.abspath(workdir), model=os.path.abspath(model_dir))

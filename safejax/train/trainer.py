@@ -13,6 +13,10 @@ An objective may declare a partial warm-up (the classifier's head-only phase): `
 (int) and `partial_trainable(path) -> bool`. For steps 1..partial_steps only those parameters
 are differentiated and updated; the others get no gradient computed (so no backward pass through
 a frozen encoder) and keep their values exactly.
+
+`batch_features()` gives each feature's longest per-example shape. Batches may be shorter along
+the length axis (the classifier's length-bucketed batches): the step compiled ahead of time
+serves the declared shapes, and jit compiles (once each) the others.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ class Trainer:
                            if self.partial_steps else None)
 
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-        self._compiled_steps = {}
+        self._compiled_steps, self._compiled_shapes = {}, {}
         self._train_steps = {
             partial: jax.jit(functools.partial(self._step, partial=partial),
                              in_shardings=(self.state_shardings, self._batch_sharding),
@@ -236,6 +240,7 @@ class Trainer:
                  ([False] if self.cfg.steps > self.partial_steps else [])
         for partial in needed:
             self._compiled_steps[partial] = self._train_steps[partial].lower(self.abstract_state, batch).compile()
+        self._compiled_shapes = {name: b.shape for name, b in batch.items()}
 
     def global_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return parallel.host_batch_to_global(host_batch, self.mesh, self.rules, self.global_batch_size)
@@ -243,7 +248,10 @@ class Trainer:
     def train_step(self, state, global_batch, step: int | None = None):
         """One step; `step` (1-based, the step being taken) selects the partial warm-up step."""
         partial = step is not None and step <= self.partial_steps
-        return self._compiled_steps.get(partial, self._train_steps[partial])(state, global_batch)
+        compiled = self._compiled_steps.get(partial)
+        if compiled is None or any(global_batch[k].shape != v for k, v in self._compiled_shapes.items()):
+            compiled = self._train_steps[partial]
+        return compiled(state, global_batch)
 
     def evaluate(self, params, host_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
         totals = np.zeros(2)

@@ -1,0 +1,113 @@
+"""Calibrated window probabilities: a temperature and a per-score bias on the classifier's logits.
+
+Training weights the scores (balanced class weights, λ on unsafe examples), which shifts the
+head's probabilities toward the rare scores: good for recall, wrong as probabilities. After
+training, `fit` chooses T and b minimising the unweighted negative log-likelihood of
+softmax(logits / T + b) on the validation split (7 numbers; the encoder is untouched), so that
+P(score >= k) means what it says and thresholds chosen on it carry over to new data. T > 0
+keeps each window's ranking of scores; b restores the validation split's priors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def apply(logits: np.ndarray, temperature: float, bias) -> np.ndarray:
+    """Calibrated probabilities (..., classes) from logits."""
+    z = logits / temperature + np.asarray(bias, logits.dtype)
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _nll_and_grad(params: np.ndarray, logits: np.ndarray, labels: np.ndarray):
+    log_t, bias = params[0], params[1:]
+    t = np.exp(log_t)
+    probs = apply(logits, t, bias)
+    n = len(labels)
+    nll = -np.log(np.maximum(probs[np.arange(n), labels], 1e-12)).mean()
+    d = probs.copy()
+    d[np.arange(n), labels] -= 1.0
+    d /= n  # d NLL / d z, z = logits / t + bias
+    grad_bias = d.sum(0)
+    grad_log_t = float((d * (-logits / t)).sum())
+    return nll, np.concatenate([[grad_log_t], grad_bias])
+
+
+def fit(logits: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
+    """(temperature, bias) minimising the validation NLL (L-BFGS; bias of score 0 fixed at 0,
+    since a common shift changes nothing). Scores absent from `labels` get no push upward
+    beyond what the others' fit gives."""
+    from scipy.optimize import minimize
+
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels, np.int64)
+    k = logits.shape[1]
+
+    def objective(free):
+        params = np.concatenate([free[:1], [0.0], free[1:]])
+        nll, grad = _nll_and_grad(params, logits, labels)
+        return nll, np.concatenate([grad[:1], grad[2:]])
+
+    result = minimize(objective, np.zeros(k), jac=True, method="L-BFGS-B",
+                      bounds=[(-3.0, 3.0)] + [(-20.0, 20.0)] * (k - 1))
+    free = result.x
+    return float(np.exp(free[0])), [0.0] + [float(b) for b in free[1:]]
+
+
+# ---- fitting an export after training ----
+
+SUBDOCS_PER_DOCUMENT = 8  # contiguous runs of windows taken from each clean validation document
+
+
+def synthetic_documents(doc_windows: list[np.ndarray], inserts: np.ndarray, insert_labels: np.ndarray,
+                        seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Documents for fitting the document rule, as stacks of window probabilities: runs of 1 to
+    all windows of each clean document (score 0), and the same runs with one window replaced by a
+    scored validation example (its score: one unsafe passage makes a document unsafe), plus every
+    example alone."""
+    rng = np.random.default_rng(seed)
+    docs, labels = [inserts[i:i + 1] for i in range(len(inserts))], list(insert_labels)
+    for windows in doc_windows:
+        n = len(windows)
+        for _ in range(SUBDOCS_PER_DOCUMENT):
+            size = int(np.clip(np.round(np.exp(rng.uniform(0, np.log(n + 1)))), 1, n))
+            start = int(rng.integers(0, n - size + 1))
+            run = windows[start:start + size]
+            docs.append(run)
+            labels.append(0)
+            pick = int(rng.integers(len(inserts)))
+            spliced = run.copy()
+            spliced[int(rng.integers(size))] = inserts[pick]
+            docs.append(spliced)
+            labels.append(int(insert_labels[pick]))
+    return docs, np.asarray(labels)
+
+
+def calibrate_export(model_dir: str, validation_texts: list[str], validation_labels: np.ndarray,
+                     clean_documents: list[str], seed: int, batch_size: int = 32) -> dict:
+    """Fits the export's temperature and bias on the validation examples, then its document rule
+    on synthetic documents made of clean validation documents' windows and those examples; writes
+    both into the export's classifier.json and returns them."""
+    from safejax.models.classifier import update_export_record
+    from safejax.safety import windows as windows_lib
+    from safejax.safety.scoring import DocumentScorer
+
+    scorer = DocumentScorer(model_dir, batch_size=batch_size, calibrated=False)
+    raw = scorer.scorer.probs(validation_texts)
+    temperature, bias = fit(np.log(np.maximum(raw, 1e-12)), validation_labels)
+    example_probs = apply(np.log(np.maximum(raw, 1e-12)), temperature, bias)
+
+    ids, owner = scorer.windows(clean_documents)
+    window_probs = apply(np.log(np.maximum(scorer.scorer.probs_ids(ids), 1e-12)), temperature, bias)
+    bounds = np.searchsorted(owner, np.arange(len(clean_documents) + 1))
+    doc_windows = [window_probs[bounds[i]:bounds[i + 1]] for i in range(len(clean_documents))
+                   if bounds[i + 1] > bounds[i]]
+    docs, labels = synthetic_documents(doc_windows, example_probs, np.asarray(validation_labels), seed)
+    owners = np.concatenate([np.full(len(d), i) for i, d in enumerate(docs)])
+    peaks, sizes, _ = windows_lib.document_features(np.concatenate(docs), owners, len(docs))
+    rule = windows_lib.fit_document_rule(peaks, sizes, labels)
+    calibration = {"temperature": temperature, "bias": bias, "examples": int(len(validation_labels))}
+    update_export_record(model_dir, calibration=calibration, document_rule=rule)
+    return {"calibration": calibration, "document_rule": rule}
