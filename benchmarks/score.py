@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", help="a classifier export (a training run's model/ folder)")
     parser.add_argument("--docs", type=int, help="score this many documents (default: all)")
     parser.add_argument("--batch", type=int, default=32, help="windows per classifier call")
-    parser.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive windows")
+    parser.add_argument("--overlap", type=int, help="tokens shared by consecutive windows (default: score's)")
     parser.add_argument("--warmup", type=int, default=16, help="documents scored before timing")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the export's)")
     args = parser.parse_args(argv)
@@ -103,7 +103,7 @@ def main(argv: list[str]) -> int:
               "docs": len(texts), "windows": len(windows), "tokens": int(lengths.sum()),
               "corpus_windows": len(corpus_windows), "corpus_tokens": int(corpus_tokens),
               "full_corpus_estimate_s": round(corpus_tokens / (lengths.sum() / seconds), 1),
-              "batch": args.batch, "seq_len": scorer.scorer.cfg.seq_len, "overlap": args.overlap,
+              "batch": args.batch, "seq_len": scorer.scorer.cfg.seq_len, "overlap": scorer.overlap,
               "dtype": scorer.scorer.cfg.encoder.dtype,
               "model": args.checkpoint or "all-MiniLM-L6-v2 + random head", "windows_sha1": windows_digest(windows),
               "devices": jax.device_count(), "platform": jax.devices()[0].platform,

@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--input", nargs="+", required=True, help="JSONL(.gz) files or globs (id, text)")
     score.add_argument("--output", required=True, help="directory for scores-*.jsonl.gz (one per input file)")
     score.add_argument("--batch_size", type=int, default=64, help="windows per classifier call")
-    score.add_argument("--overlap", type=int, default=32, help="tokens shared by consecutive windows")
+    score.add_argument("--overlap", type=int, help="tokens shared by consecutive windows (default 32, at "
+                                                   "most a quarter of a window)")
     score.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                        help="matmul precision (default: the checkpoint's); bfloat16 is ~1.8x faster on CPUs with "
                             "AVX512-BF16 and changed 0.16%% of test-split scores (benchmarks/PEERS.md)")

@@ -112,6 +112,26 @@ def test_eval_report_schema(trained):
 
 
 @pytest.mark.slow
+def test_training_calibrates_the_export_and_reports_whole_documents(trained):
+    record = json.load(open(os.path.join(trained, "model", "classifier.json")))
+    assert record["calibration"]["temperature"] > 0 and len(record["calibration"]["bias"]) == 6
+    assert record["document_rule"]["kind"] == "calibrated" and len(record["document_rule"]["coef"]) == 5
+    docs = json.load(open(os.path.join(trained, "eval.json")))["documents"]
+    assert set(docs["sources"]) == {"documents_prose", "xstest_safe", "xstest_unsafe"}
+    for name, entry in docs["sources"].items():
+        for rule in ("default", "max"):
+            assert sum(entry[rule]["histogram"]) == entry["n"] > 0, name
+    assert entry["n"] == len(documents.load_xstest()["xstest_unsafe"]["test"])
+    assert [e["expectation"] for e in docs["sources"]["xstest_safe"]["default"]["expectations"]] == ["<= 10% score >= 3"]
+    assert {"recall", "precision"} <= set(docs["xstest"]["default"])
+    judge = json.load(open(os.path.join(trained, "eval.json")))["judge"]
+    assert judge["threshold"] == 3 and judge["sets"]["gsm8k_answers"]["n"] == 1319
+    assert 0 < judge["sets"]["documents_prose_spans"]["n"] <= 300
+    text = open(os.path.join(trained, "eval.md")).read()
+    assert "## Whole documents" in text and "## As an evaluation judge" in text
+
+
+@pytest.mark.slow
 def test_scorer_buckets_match_full_length(trained):
     scorer = Scorer(os.path.join(trained, "model"), batch_size=8)
     texts = ["a short one", "a somewhat longer sentence about gardening, cooking and the weather", ""]

@@ -29,6 +29,7 @@ from safejax.data import sources
 from safejax.data.quarantine import QUARANTINE
 from safejax.safety.windows import DocumentScore, document_scores, window_spans
 
+DEFAULT_OVERLAP = 32  # tokens shared by consecutive windows (at most a quarter of a window)
 DOCS_PER_CALL = 256  # documents windowed and scored together (their windows sorted by length)
 
 
@@ -39,7 +40,7 @@ class DocumentScorer:
     of those ids between the encoder's special tokens, so no window is tokenized again.
     """
 
-    def __init__(self, checkpoint: str, *, batch_size: int = 64, overlap: int = 32, dtype: str | None = None,
+    def __init__(self, checkpoint: str, *, batch_size: int = 64, overlap: int | None = None, dtype: str | None = None,
                  rule: str | None = None, calibrated: bool = True):
         """`rule`: "calibrated" or "max" (None: the export's, "max" for an export without one)."""
         import tokenizers
@@ -54,6 +55,8 @@ class DocumentScorer:
             raise errors.UserError(f"{checkpoint} has no fitted document rule; retrain it or use --rule max")
         self.rule = {"kind": "max"} if rule == "max" or fitted is None else fitted
         self.window = self.scorer.cfg.seq_len - 2  # room for [CLS] and [SEP]
+        if overlap is None:
+            overlap = min(DEFAULT_OVERLAP, self.window // 4)
         if not 0 <= overlap < self.window:
             raise errors.UserError(f"--overlap must be in [0, {self.window}), got {overlap}")
         self.overlap = overlap
@@ -142,7 +145,7 @@ def check_manifest(output_dir: str, checkpoint: str, files: list[str], rule: str
 
 
 def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, batch_size: int = 64,
-                 overlap: int = 32, progress_bar: bool = True, dtype: str | None = None,
+                 overlap: int | None = None, progress_bar: bool = True, dtype: str | None = None,
                  rule: str | None = None) -> dict:
     """Scores every input file this process owns; returns a summary. `dtype` "bfloat16" runs the
     encoder's matmuls in bf16 (about 1.8x less CPU; agreement with float32 in benchmarks/PEERS.md)."""

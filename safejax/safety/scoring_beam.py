@@ -36,7 +36,7 @@ class ScoreShards(beam.DoFn):
 
 
 def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, beam_args: Sequence[str],
-                 *, batch_size: int = 64, overlap: int = 32, dtype: str | None = None,
+                 *, batch_size: int = 64, overlap: int | None = None, dtype: str | None = None,
                  rule: str | None = None) -> dict:
     """Runs the pipeline (DirectRunner unless `beam_args` name another); returns a summary."""
     files = sources.expand_files(inputs)
