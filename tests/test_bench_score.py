@@ -31,4 +31,5 @@ def test_bench_score_prints_its_figures(tmp_path, minilm_dir, capsys):  # noqa: 
 @pytest.mark.slow
 def test_bench_score_defaults_to_pretrained_minilm(minilm_dir, capsys):  # noqa: F811
     result = _run(capsys, "--docs", "1", "--warmup", "0")
-    assert result["seq_len"] == 64 and result["batch"] == 32 and result["docs"] == 1
+    assert result["seq_len"] == 256 and result["batch"] == 32 and result["docs"] == 1
+    assert result["overlap"] == 32
