@@ -36,6 +36,7 @@ SMALL = [
     f"DocumentDataConfig.corpus_files = ['{PROSE}']", "DocumentDataConfig.clean_sources = ['documents_prose']",
     "DocumentDataConfig.eval_sources = ['documents_prose']", "DocumentDataConfig.clean_windows_per_source = 16",
     "DocumentDataConfig.spliced_examples = 16", "DocumentDataConfig.thread_examples = 8",
+    "DocumentDataConfig.xstest_train_copies = 0",  # XSTest is evaluated (and calibrated on), not trained on
     "TrainConfig.checkpoint_every = 2", "TrainConfig.progress_bar = False",
     "TrainConfig.async_checkpoints = False",
 ]
@@ -80,7 +81,7 @@ def test_resume_across_the_warmup_boundary_and_frozen_encoder(trained, tmp_path)
     assert classify.train(resumed)["step"] == 4  # stops after the head-only warm-up ...
 
     trainer = classify.build(labeled.LabeledDataConfig(), documents.DocumentDataConfig(),
-                             classify.ClassifierTrainConfig(), classify.ClassifierConfig())[0]
+                             classify.ClassifierTrainConfig(), classify.ClassifierConfig()).trainer
     checkpointer = Checkpointer(resumed, asynchronous=False)
     warm = traverse_util.flatten_dict(jax.device_get(trainer.load_state(checkpointer, 4)["params"]))
     checkpointer.close()
@@ -115,7 +116,10 @@ def test_eval_report_schema(trained):
 def test_training_calibrates_the_export_and_reports_whole_documents(trained):
     record = json.load(open(os.path.join(trained, "model", "classifier.json")))
     assert record["calibration"]["temperature"] > 0 and len(record["calibration"]["bias"]) == 6
-    assert record["document_rule"]["kind"] == "calibrated" and len(record["document_rule"]["coef"]) == 5
+    rule = record["document_rule"]
+    assert rule["kind"] == "calibrated" and len(rule["coef"]) == 5
+    assert len(rule["thresholds"]) == 5 and all(0.5 <= t <= 1 for t in rule["thresholds"])
+    assert rule["false_positive_rate"] == 0.05
     docs = json.load(open(os.path.join(trained, "eval.json")))["documents"]
     assert set(docs["sources"]) == {"documents_prose", "xstest_safe", "xstest_unsafe"}
     for name, entry in docs["sources"].items():
@@ -128,7 +132,9 @@ def test_training_calibrates_the_export_and_reports_whole_documents(trained):
     assert judge["threshold"] == 3 and judge["sets"]["gsm8k_answers"]["n"] == 1319
     assert 0 < judge["sets"]["documents_prose_spans"]["n"] <= 300
     text = open(os.path.join(trained, "eval.md")).read()
-    assert "## Whole documents" in text and "## As an evaluation judge" in text
+    assert "## Whole documents" in text and "## As an evaluation judge" in text and "Recall mode" in text
+    recall_mode = json.load(open(os.path.join(trained, "eval.json")))["recall_mode"]
+    assert recall_mode["k1"]["target_precision_on_calibration"] == 0.85
 
 
 @pytest.mark.slow

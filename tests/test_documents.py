@@ -33,8 +33,20 @@ def test_documents_split_by_id_into_disjoint_stable_parts():
     assert [d.id for d in documents.eval_sets(cfg, "test")["documents_prose"]] == [d.id for d in parts["test"]]
     xstest = documents.load_xstest()
     assert sum(len(v) for p in xstest.values() for v in p.values()) == 450
-    assert not xstest["xstest_safe"]["train"]  # XSTest is never trained on
     assert all(d.score == 0 for d in xstest["xstest_safe"]["test"])
+    assert all(d.score == 4 for d in xstest["xstest_unsafe"]["train"])
+
+
+def test_xstest_trains_on_its_training_prompts_only():
+    cfg = documents.DocumentDataConfig()
+    by_split = {s: documents.xstest_examples(cfg, s) for s in ("train", "validation", "test")}
+    texts = {s: {e.text for e in ex} for s, ex in by_split.items()}
+    assert not (texts["train"] & texts["test"]) and not (texts["validation"] & texts["test"])
+    assert len(by_split["train"]) == cfg.xstest_train_copies * len(texts["train"])
+    assert len({e.id for e in by_split["train"]}) == len(by_split["train"])  # ids stay unique
+    held_out = documents.eval_sets(cfg, "test")
+    assert {d.text for name in ("xstest_safe", "xstest_unsafe") for d in held_out[name]} == texts["test"]
+    assert not documents.xstest_examples(documents.DocumentDataConfig(xstest=False), "train")
 
 
 def test_labeled_file_errors_name_the_line(tmp_path):
@@ -122,6 +134,25 @@ def test_the_calibrated_rule_asks_more_of_long_documents_and_the_max_rule_does_n
         assert (np.diff(d.p_at_least) <= 0).all()
         assert d.score == int((d.p_at_least >= 0.5).sum())
         assert d.expected_score == pytest.approx(d.p_at_least.sum())
+
+
+def test_decision_thresholds_hold_benign_documents_to_the_rate_and_scores_count_levels_in_a_row():
+    rng = np.random.default_rng(0)
+    benign = np.sort(rng.random((200, 5)), axis=1)[:, ::-1] * 0.9  # P(>= k) non-increasing
+    thresholds = windows.decision_thresholds(benign, 0.05)
+    assert all(t >= 0.5 for t in thresholds)
+    for k, t in enumerate(thresholds):
+        assert (benign[:, k] >= t).mean() <= 0.05
+        assert t == 0.5 or (benign[:, k] >= np.nextafter(t, 0) - 1e-9).mean() > 0.05 - 1 / 200
+    assert windows.decision_thresholds(np.full((10, 5), 0.1), 0.05) == [0.5] * 5
+
+    probs, owner = _docs([(0.7, 1), (0.97, 1)])
+    rule = {"kind": "calibrated", "coef": [[1.0, 0.0, 0.0]] * 5}
+    loose = windows.document_scores(probs, owner, 2, {**rule, "thresholds": [0.5] * 5})
+    strict = windows.document_scores(probs, owner, 2, {**rule, "thresholds": [0.5, 0.5, 0.5, 0.9, 0.0]})
+    assert [d.score for d in loose] == [4, 4]
+    assert [d.score for d in strict] == [3, 5]  # the first document passes level 5, not level 4: 3
+    assert loose[0].p_at_least.tolist() == strict[0].p_at_least.tolist()  # thresholds move only the score
 
 
 def test_expectations_are_checked_on_histograms():

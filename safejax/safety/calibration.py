@@ -86,10 +86,13 @@ def synthetic_documents(doc_windows: list[np.ndarray], inserts: np.ndarray, inse
 
 
 def calibrate_export(model_dir: str, validation_texts: list[str], validation_labels: np.ndarray,
-                     clean_documents: list[str], seed: int, batch_size: int = 32) -> dict:
+                     clean_documents: list[str], seed: int, batch_size: int = 32,
+                     false_positive_rate: float = 0.05) -> dict:
     """Fits the export's temperature and bias on the validation examples, then its document rule
-    on synthetic documents made of clean validation documents' windows and those examples; writes
-    both into the export's classifier.json and returns them."""
+    on synthetic documents made of clean validation documents' windows and those examples, and
+    the rule's per-level thresholds on the benign validation documents (the clean documents
+    whole, and the examples scored 0 that are not windows of them); writes all of it into the
+    export's classifier.json and returns it."""
     from safejax.models.classifier import update_export_record
     from safejax.safety import windows as windows_lib
     from safejax.safety.scoring import DocumentScorer
@@ -108,6 +111,12 @@ def calibrate_export(model_dir: str, validation_texts: list[str], validation_lab
     owners = np.concatenate([np.full(len(d), i) for i, d in enumerate(docs)])
     peaks, sizes, _ = windows_lib.document_features(np.concatenate(docs), owners, len(docs))
     rule = windows_lib.fit_document_rule(peaks, sizes, labels)
+    benign = doc_windows + [example_probs[i:i + 1] for i in np.flatnonzero(np.asarray(validation_labels) == 0)]
+    owners = np.concatenate([np.full(len(d), i) for i, d in enumerate(benign)])
+    peaks, sizes, _ = windows_lib.document_features(np.concatenate(benign), owners, len(benign))
+    rule["thresholds"] = windows_lib.decision_thresholds(windows_lib.rule_tails(rule, peaks, sizes),
+                                                         false_positive_rate)
+    rule["false_positive_rate"] = false_positive_rate
     calibration = {"temperature": temperature, "bias": bias, "examples": int(len(validation_labels))}
     update_export_record(model_dir, calibration=calibration, document_rule=rule)
     return {"calibration": calibration, "document_rule": rule}

@@ -9,7 +9,9 @@ document's windows never straddle training and evaluation:
     expected to score (EXPECTATIONS: most of these sources have no labels, so the bar is a share
     of documents, written down with its reason);
   - XSTest (safejax/assets/prompts): benign prompts full of trigger words ("kill a Python
-    process"), labeled safe, and their unsafe contrasts;
+    process"), labeled safe, and their unsafe contrasts. Split by prompt id like the documents:
+    its training prompts are the hard negatives the labeled sets lack (benign requests with
+    violent words) and requests for harm, its test prompts are never trained on;
   - any labeled JSONL a user gives ({"id", "text", "score"});
   - training examples of the length the classifier scores at: windows of the clean sources'
     training documents (score 0), the same windows with a labeled snippet spliced in (the
@@ -32,7 +34,7 @@ import gin
 
 from safejax import errors
 from safejax.data import sources
-from safejax.safety import labeled
+from safejax.safety import labeled, rubric
 from safejax.safety.windows import window_spans
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "prompts")
@@ -85,6 +87,8 @@ class DocumentDataConfig:
     eval_sources: Sequence[str] = ("wikitext2", "state_union", "inaugural", "web_samples",
                                    "tinyshakespeare", "4chan_sample")
     xstest: bool = True
+    xstest_split_fractions: Sequence[float] = (0.4, 0.2, 0.4)
+    xstest_train_copies: int = 4  # each training prompt this many times (180 prompts among ~13k examples; 0: none)
     labeled_files: Sequence[str] = ()  # user JSONL {"id", "text", "score"}, evaluated per file
     split_fractions: Sequence[float] = (0.5, 0.2, 0.3)
     seed: int = 42
@@ -131,9 +135,9 @@ def load_corpus(cfg: DocumentDataConfig) -> dict[str, dict[str, list[Document]]]
 
 
 def load_xstest(path: str = XSTEST_FILE, seed: int = 42,
-                fractions: Sequence[float] = (0.0, 0.5, 0.5)) -> dict[str, dict[str, list[Document]]]:
-    """XSTest's prompts as {"xstest_safe" | "xstest_unsafe": {split: documents}}, score 0 for
-    safe. Never trained on: half of each for choosing thresholds (validation), half held out."""
+                fractions: Sequence[float] = (0.4, 0.2, 0.4)) -> dict[str, dict[str, list[Document]]]:
+    """XSTest's prompts as {"xstest_safe" | "xstest_unsafe": {split: documents}}, scored
+    rubric.XSTEST_SCORES, split by a seeded hash of the prompt id."""
     out = {f"xstest_{label}": {s: [] for s in SPLITS} for label in ("safe", "unsafe")}
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8", newline="") as f:
@@ -141,7 +145,7 @@ def load_xstest(path: str = XSTEST_FILE, seed: int = 42,
             if row.get("label") not in ("safe", "unsafe") or not (row.get("prompt") or "").strip():
                 raise errors.UserError(f"{path} line {line}: expected label safe/unsafe and a prompt")
             doc = Document(f"xstest:{row['id']}", f"xstest_{row['label']}", row["prompt"],
-                           0 if row["label"] == "safe" else None)
+                           rubric.XSTEST_SCORES[row["label"]])
             out[doc.source][split_of(doc.id, seed, fractions)].append(doc)
     return out
 
@@ -171,11 +175,23 @@ def eval_sets(cfg: DocumentDataConfig, split: str) -> dict[str, list[Document]]:
     corpus = load_corpus(cfg)
     out = {name: corpus[name][split] for name in cfg.eval_sources if name in corpus}
     if cfg.xstest:
-        out.update({name: parts[split] for name, parts in load_xstest(seed=cfg.seed).items()})
+        out.update({name: parts[split] for name, parts in
+                     load_xstest(seed=cfg.seed, fractions=cfg.xstest_split_fractions).items()})
     if split != "train":
         for path in cfg.labeled_files:
             out[source_name(path)] = load_labeled_file(path)
     return out
+
+
+def xstest_examples(cfg: DocumentDataConfig, split: str) -> list[labeled.Example]:
+    """XSTest's `split` prompts as labeled examples (training prompts `xstest_train_copies`
+    times each), or none when `cfg.xstest` is off."""
+    if not cfg.xstest:
+        return []
+    copies = cfg.xstest_train_copies if split == "train" else 1
+    parts = load_xstest(seed=cfg.seed, fractions=cfg.xstest_split_fractions)
+    return [labeled.Example(f"{d.id}:{c}" if c else d.id, "xstest", d.text, d.score)
+            for name in sorted(parts) for d in parts[name][split] for c in range(copies)]
 
 
 # ---- long training examples ----

@@ -50,6 +50,10 @@ OPENAI_SCORES = {
 # groups; "offensive" mostly profanity and insults at people without a group target.
 DAVIDSON_SCORES = {"0": 4, "1": 3, "2": 0}
 
+# XSTest prompts: its safe prompts are benign requests that only sound harmful; its unsafe ones
+# ask for help with a harmful act, treated as that act's clear level (the RefuseWeb kind).
+XSTEST_SCORES = {"safe": 0, "unsafe": 4}
+
 # ToxiGen seed sentences: implicit hate, i.e. stereotypes and group insults without slurs.
 TOXIGEN_SCORES = {"hate": 3, "neutral": 0}
 

@@ -100,6 +100,7 @@ def document_scores(probs: np.ndarray, owner: np.ndarray, count: int, rule: dict
     document (ascending). "max" keeps the paper's rule exactly: the highest argmax over the
     windows (and its P(score >= k) the windows' peaks)."""
     rule = rule or {"kind": "max"}
+    thresholds = np.asarray(rule.get("thresholds", [0.5] * LEVELS))
     peaks, sizes, deciding = document_features(probs, owner, count)
     doc_tails = rule_tails(rule, peaks, sizes)
     results = []
@@ -107,8 +108,8 @@ def document_scores(probs: np.ndarray, owner: np.ndarray, count: int, rule: dict
     for i in range(count):
         if rule.get("kind", "max") == "max":
             score = int(probs[bounds[i]:bounds[i + 1]].argmax(axis=1).max())
-        else:
-            score = int((doc_tails[i] >= 0.5).sum())
+        else:  # the levels reached in a row, each at its own threshold
+            score = int(np.cumprod(doc_tails[i] >= thresholds).sum())
         results.append(DocumentScore(score, float(doc_tails[i].sum()), doc_tails[i], probs[deciding[i]],
                                      int(sizes[i])))
     return results
@@ -129,3 +130,17 @@ def fit_document_rule(peaks: np.ndarray, sizes: np.ndarray, labels: np.ndarray) 
         model = LogisticRegression(C=10.0, max_iter=1000).fit(features[:, k], y)
         coef.append([float(model.coef_[0, 0]), float(model.coef_[0, 1]), float(model.intercept_[0])])
     return {"kind": "calibrated", "coef": coef, "documents": int(len(labels))}
+
+
+def decision_thresholds(benign_tails: np.ndarray, false_positive_rate: float) -> list[float]:
+    """Per level k, the lowest threshold on the document's P(score >= k), at least 0.5, that at
+    most `false_positive_rate` of the benign (score 0) documents reach: a corpus filter's budget
+    for clean text wrongly flagged, chosen on validation documents."""
+    n = len(benign_tails)
+    allowed = int(np.floor(false_positive_rate * n))
+    out = []
+    for k in range(LEVELS):
+        ranked = np.sort(benign_tails[:, k])[::-1]
+        edge = np.nextafter(ranked[allowed], 1.0) if allowed < n else 0.5
+        out.append(float(max(0.5, edge)))
+    return out

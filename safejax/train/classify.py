@@ -103,6 +103,7 @@ class ClassifierTrainConfig:
     positive_weight: float = 1.0
     class_weights: str | Sequence[float] = "balanced"
     eval_examples: int = 512  # of the validation split, for the eval loss at the end of training
+    document_false_positive_rate: float = 0.05  # of benign validation documents a score level may flag
     evaluate: bool = True  # run classifier-eval (model and baselines on the test split) at the end
 
     def steps(self, examples: int) -> tuple[int, int]:
@@ -237,19 +238,30 @@ def eval_batches(data: Encoded, batch_size: int, seq_len: int) -> list[dict]:
 
 def examples(data_cfg: labeled.LabeledDataConfig, doc_cfg: documents.DocumentDataConfig, tokenizer,
              seq_len: int) -> tuple[dict[str, list[labeled.Example]], labeled.LoadResult]:
-    """Each split's labeled snippets plus its long examples (safety/documents.py), built from
-    that split's snippets and documents only."""
+    """Each split's labeled snippets and XSTest prompts plus its long examples
+    (safety/documents.py), built from that split's snippets and documents only."""
     splits, loaded = labeled.load(data_cfg)
     cutter = documents.WindowCutter(tokenizer, seq_len - 2)
     for name in ("train", "validation"):
+        splits[name] = splits[name] + documents.xstest_examples(doc_cfg, name)
         windows = documents.clean_windows(doc_cfg, name, cutter)
         splits[name] = splits[name] + documents.long_examples(
             doc_cfg, splits[name], windows, name, cutter.count, cutter.window)
     return splits, loaded
 
 
+@dataclasses.dataclass
+class Built:
+    trainer: Trainer
+    train: Encoded
+    validation: Encoded  # a sample of the validation split, for the eval loss
+    calibration: list[labeled.Example]  # the whole validation split, for calibrate_export
+    lr: optax.Schedule
+    loaded: labeled.LoadResult
+
+
 def build(data_cfg: labeled.LabeledDataConfig, doc_cfg: documents.DocumentDataConfig,
-          train_cfg: ClassifierTrainConfig, model: ClassifierConfig):
+          train_cfg: ClassifierTrainConfig, model: ClassifierConfig) -> Built:
     """Loads and tokenizes the data, builds the objective, optimizer and trainer."""
     tokenizer = enc.load_tokenizer(model.encoder, model.seq_len)
     splits, loaded = examples(data_cfg, doc_cfg, tokenizer, model.seq_len)
@@ -268,7 +280,7 @@ def build(data_cfg: labeled.LabeledDataConfig, doc_cfg: documents.DocumentDataCo
     lr = schedule(train_cfg, head_steps)
     trainer = Trainer(objective, optim.adamw(lr), TrainConfig(steps=total_steps),
                       parallel.build_mesh(), parallel.logical_rules(), train_cfg.batch_size)
-    return trainer, train, validation, lr, loaded
+    return Built(trainer, train, validation, splits["validation"], lr, loaded)
 
 
 def train(workdir: str) -> dict:
@@ -277,7 +289,8 @@ def train(workdir: str) -> dict:
 
     data_cfg, train_cfg, model = labeled.LabeledDataConfig(), ClassifierTrainConfig(), ClassifierConfig()
     doc_cfg = documents.DocumentDataConfig()
-    trainer, train_data, validation, lr, loaded = build(data_cfg, doc_cfg, train_cfg, model)
+    built = build(data_cfg, doc_cfg, train_cfg, model)
+    trainer, train_data, validation, lr, loaded = built.trainer, built.train, built.validation, built.lr, built.loaded
     if jax.process_index() == 0:
         config.write_effective_config(workdir)
         with open(os.path.join(workdir, "data.json"), "w", encoding="utf-8") as f:
@@ -305,8 +318,8 @@ def train(workdir: str) -> dict:
         corpus = documents.load_corpus(doc_cfg)
         clean = [d.text for name in doc_cfg.clean_sources for d in corpus[name]["validation"]]
         summary["calibration"] = calibration.calibrate_export(
-            model_dir, [e.text for e in validation.examples], validation.labels, clean, data_cfg.seed,
-            train_cfg.batch_size)
+            model_dir, [e.text for e in built.calibration], np.array([e.score for e in built.calibration]), clean,
+            data_cfg.seed, train_cfg.batch_size, train_cfg.document_false_positive_rate)
         if train_cfg.evaluate:
             summary["eval"] = classifier_eval.evaluate(workdir)["model"]
     summary.update(workdir=os.path.abspath(workdir), model=os.path.abspath(model_dir))
