@@ -11,6 +11,7 @@ cannot forge a tag. Tags are inserted as ids, after tokenization (safety/tagging
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Sequence
 
@@ -25,6 +26,7 @@ spm.set_min_log_level(1)  # loading an identity-normalized model logs an INFO li
 HARM_TAG = "<potentially unsafe content>"
 ROLE_MARKERS = ("<|user|>", "<|assistant|>", "<|end_of_turn|>")
 RESERVED_TOKENS = (HARM_TAG, *ROLE_MARKERS)
+BUNDLED_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "vocab", "bundled_8k.model")
 
 
 def train_sentencepiece(
@@ -145,3 +147,36 @@ def load_vocabulary(model_path: str) -> seqio.SentencePieceVocabulary:
     if not os.path.isfile(model_path):
         raise errors.UserError(f"vocabulary file not found: {model_path}")
     return seqio.SentencePieceVocabulary(model_path)
+
+
+def harm_tag_id(vocabulary: seqio.SentencePieceVocabulary) -> int:
+    """The harm tag's id; a clear error for a vocabulary made without it."""
+    return reserved_ids(vocabulary, (HARM_TAG,))[HARM_TAG]
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def describe(vocabulary: seqio.SentencePieceVocabulary) -> dict:
+    """What a checkpoint records of its vocabulary: the file, its content hash, its size and the
+    reserved ids (empty for a vocabulary made without them)."""
+    path = os.path.abspath(vocabulary.sentencepiece_model_file)
+    try:
+        reserved = reserved_ids(vocabulary)
+    except errors.UserError:
+        reserved = {}
+    return {"path": path, "sha256": _sha256(path), "pieces": vocabulary.vocab_size, "reserved_ids": reserved}
+
+
+def load_recorded(record: dict, path: str | None = None) -> seqio.SentencePieceVocabulary:
+    """The vocabulary a checkpoint recorded (or the file at `path`), refused when its content
+    differs from the recorded one: the ids would mean other pieces."""
+    path = path or record["path"]
+    vocabulary = load_vocabulary(path)
+    found = _sha256(path)
+    if found != record["sha256"]:
+        raise errors.UserError(f"vocabulary {path} (sha256 {found[:12]}) is not the one the checkpoint was "
+                               f"trained with ({record['path']}, sha256 {record['sha256'][:12]})")
+    return vocabulary

@@ -81,10 +81,10 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_config, tmp_path):
     # Nothing was applied: the saved params are the initial ones, all finite.
     from safejax.train.checkpoint import Checkpointer
 
-    state, meta = Checkpointer(str(tmp_path)).restore(3, trainer.abstract_state)
+    state, record = Checkpointer(str(tmp_path)).restore(3, trainer.abstract_state)
     for a, b in zip(jax.tree.leaves(initial_params), jax.tree.leaves(state["params"])):
         np.testing.assert_array_equal(a, np.asarray(b))
-    assert meta["data_position"] == 3
+    assert record.data_position == 3 and record.seq_len == trainer.objective.seq_len
 
 
 def test_nonfinite_step_stops_when_configured(tiny_config, tmp_path):

@@ -51,8 +51,7 @@ def _local_batch_size(cfg: DataConfig) -> int:
 
 def _dataset(cfg: DataConfig, split: str, *, train: bool) -> tf.data.Dataset:
     """Shuffled (with the fixed seed) in both cases: held-out batches then mix every source."""
-    if cfg.task not in {*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()}:
-        raise errors.UserError(f"DataConfig.task {cfg.task!r} is not a registered task or mixture")
+    vocabulary(cfg)  # a clear error for an unknown task
     if cfg.use_cached:
         if not cfg.cache_dirs:
             raise errors.UserError("DataConfig.use_cached needs DataConfig.cache_dirs (see `safejax data cache`)")
@@ -67,12 +66,16 @@ def _dataset(cfg: DataConfig, split: str, *, train: bool) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
+def vocabulary(cfg: DataConfig) -> seqio.SentencePieceVocabulary:
+    """The vocabulary of the task's (or mixture's) targets: the one the model trains on."""
+    if cfg.task not in {*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()}:
+        raise errors.UserError(f"DataConfig.task {cfg.task!r} is not a registered task or mixture")
+    return seqio.get_mixture_or_task(cfg.task).output_features["targets"].vocabulary
+
+
 def _tag_id(cfg: DataConfig) -> int | None:
     """The harm tag's id when its loss is switched off (its weights are then zeroed)."""
-    if cfg.loss_on_tag:
-        return None
-    vocabulary = seqio.get_mixture_or_task(cfg.task).output_features["targets"].vocabulary
-    return vocab_lib.reserved_ids(vocabulary, (vocab_lib.HARM_TAG,))[vocab_lib.HARM_TAG]
+    return None if cfg.loss_on_tag else vocab_lib.harm_tag_id(vocabulary(cfg))
 
 
 def _to_model_features(batch: dict[str, np.ndarray], tag_id: int | None = None) -> dict[str, np.ndarray]:

@@ -46,7 +46,7 @@ def documents(task: seqio.Task, split: str, seed: int, limit: int | None) -> tf.
 
 def task_stats(task: seqio.Task, split: str = "train", seed: int = 42, limit: int | None = None) -> dict:
     vocabulary = task.output_features["targets"].vocabulary
-    tag_id = vocab_lib.reserved_ids(vocabulary, (vocab_lib.HARM_TAG,))[vocab_lib.HARM_TAG]
+    tag_id = vocab_lib.harm_tag_id(vocabulary)
     classes = {k: tf.constant(v) for k, v in tagging.piece_classes(vocabulary).items()}
 
     def measure(example):

@@ -39,8 +39,7 @@ from safejax.data import scores as scores_lib
 from safejax.data import preprocessors as pre
 from safejax.safety import tagging
 
-BUNDLED_VOCAB = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "vocab",
-                             "bundled_8k.model")
+BUNDLED_VOCAB = vocab_lib.BUNDLED_VOCAB
 
 ABLATIONS = {
     "ablation_raw": ("raw",),

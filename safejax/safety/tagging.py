@@ -77,7 +77,7 @@ def tag_preprocessor(rate: float = 0.05, score_range: tuple[int, int] | None = N
 
     def preprocess(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
         vocabulary = output_features[feature].vocabulary
-        tag_id = vocab_lib.reserved_ids(vocabulary, (vocab_lib.HARM_TAG,))[vocab_lib.HARM_TAG]
+        tag_id = vocab_lib.harm_tag_id(vocabulary)
         classes = {k: tf.constant(v) for k, v in piece_classes(vocabulary).items()}
 
         def tag(example):

@@ -1,11 +1,15 @@
-"""Checkpoints with orbax: train state (sharded arrays) plus a small JSON record of metadata.
+"""Checkpoints with orbax: train state (sharded arrays) plus a small JSON record of what it is.
 
-The JSON record carries the step, the data-iterator position and the model's shape fingerprint,
-so a resume can refuse a checkpoint of another model before touching any array.
+The record (CheckpointRecord) is the checkpoint's contract with every reader: the step and the
+data-iterator position (resume), the objective and the shape fingerprint (a resume or a reader
+refuses another model before touching any array), the model's whole config, the training
+sequence length and the vocabulary (file, content hash, reserved ids). Readers (resume,
+inference, export, eval) open a workdir through `Checkpointer` and `read_record`, nothing else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -16,39 +20,103 @@ import orbax.checkpoint as ocp
 from safejax import errors
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointRecord:
+    """The JSON saved beside each checkpoint's arrays. `model_config`, `seq_len` and
+    `vocabulary` are None in records written before they were recorded (such a checkpoint
+    resumes, but inference refuses it)."""
+
+    step: int
+    data_position: int
+    objective: str             # "lm" | "classifier"
+    fingerprint: dict          # the fields that decide parameter shapes, with the objective
+    model_config: dict | None  # every field of the model's config (nested configs as dicts)
+    seq_len: int | None        # the training sequence length
+    vocabulary: dict | None    # vocab.describe(): path, sha256, pieces, reserved_ids (LM only)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["model"] = out.pop("fingerprint")  # the key resumes have always read
+        return out
+
+    @classmethod
+    def from_json(cls, meta: dict) -> CheckpointRecord:
+        fingerprint = meta.get("model", {})
+        return cls(step=int(meta["step"]), data_position=int(meta["data_position"]),
+                   objective=meta.get("objective", fingerprint.get("objective", "")), fingerprint=fingerprint,
+                   model_config=meta.get("model_config"), seq_len=meta.get("seq_len"),
+                   vocabulary=meta.get("vocabulary"))
+
+
 class Checkpointer:
-    def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True):
+    """One workdir's checkpoints. `read_only` opens an existing one (no directory is created)."""
+
+    def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True, read_only: bool = False):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=asynchronous)
+        if read_only and not os.path.isdir(self.directory):
+            raise errors.UserError(f"{workdir} has no checkpoints/ directory")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                               enable_async_checkpointing=asynchronous and not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "meta"))
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state, meta: dict, *, force: bool = False) -> None:
+    def pick(self, step: int | None = None) -> int:
+        """`step` (default: the latest), or a one-line error naming the steps there are."""
+        steps = self._manager.all_steps()
+        if not steps:
+            raise errors.UserError(f"no checkpoint in {self.directory}")
+        if step is None:
+            return max(steps)
+        if step not in steps:
+            raise errors.UserError(f"no checkpoint of step {step} in {self.directory}; it has {sorted(steps)}")
+        return step
+
+    def save(self, step: int, state, record: CheckpointRecord, *, force: bool = False) -> None:
         """Starts writing (asynchronously) a checkpoint; refuses to save non-finite values."""
         if not all_finite(state):
             raise FloatingPointError(f"refusing to save a non-finite train state at step {step}")
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record.to_json())), force=force)
 
-    def read_meta(self, step: int) -> dict:
+    def read_record(self, step: int) -> CheckpointRecord:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return restored.meta
+        return CheckpointRecord.from_json(restored.meta)
 
     def restore(self, step: int, abstract_state):
         """Restores the state into the shardings given by `abstract_state` (ShapeDtypeStructs)."""
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return restored.state, restored.meta
+        return restored.state, CheckpointRecord.from_json(restored.meta)
+
+    def restore_params(self, step: int, target):
+        """Only the params (orbax partial restore), into the shardings of `target`'s
+        ShapeDtypeStructs: readers that need no optimizer state never read it."""
+        target = {"params": target}
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True)))
+        return restored.state["params"]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()
+
+
+def read_record(workdir: str, step: int | None = None) -> CheckpointRecord:
+    """The record of `step` (default: the latest) of a training workdir."""
+    with Checkpointer(workdir, read_only=True) as checkpointer:
+        return checkpointer.read_record(checkpointer.pick(step))
 
 
 def check_compatible(saved: dict, expected: dict, directory: str) -> None:

@@ -86,6 +86,10 @@ class ClassifierObjective:
         return {"objective": self.name, **self.model.shape_dict(), "seq_len": self.model.seq_len,
                 "partial_steps": self.partial_steps}
 
+    def checkpoint_fields(self) -> dict:
+        """What the checkpoint record says beyond shapes (the tokenizer ships with the export)."""
+        return {"model_config": dataclasses.asdict(self.model), "seq_len": self.model.seq_len, "vocabulary": None}
+
     def describe(self) -> dict:
         return {**self.fingerprint(), "class_weights": list(self.class_weights),
                 "positive_weight": self.positive_weight}

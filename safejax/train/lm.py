@@ -56,6 +56,7 @@ cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 class LanguageModelObjective:
     model: DecoderConfig
     seq_len: int
+    vocabulary: dict | None = None  # vocab.describe() of the data's vocabulary, for the checkpoint record
 
     name = "lm"
 
@@ -81,6 +82,11 @@ class LanguageModelObjective:
 
     def fingerprint(self) -> dict:
         return {"objective": self.name, **self.model.shape_dict()}
+
+    def checkpoint_fields(self) -> dict:
+        """What the checkpoint record says of the model beyond its shapes."""
+        return {"model_config": dataclasses.asdict(self.model), "seq_len": self.seq_len,
+                "vocabulary": self.vocabulary}
 
     def describe(self) -> dict:
         m = self.model

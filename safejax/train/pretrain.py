@@ -13,7 +13,8 @@ import os
 
 import jax
 
-from safejax import config, parallel
+from safejax import config, errors, parallel
+from safejax import vocab as vocab_lib
 from safejax.data import pipeline
 from safejax.data.quarantine import QUARANTINE
 from safejax.models.decoder import DecoderConfig
@@ -33,7 +34,12 @@ def build_trainer(devices=None) -> tuple[Trainer, pipeline.DataConfig, object]:
     mesh = parallel.build_mesh(devices=devices)
     rules = parallel.logical_rules()
     schedule = optim.learning_rate_schedule(cfg.steps)
-    objective = LanguageModelObjective(model, data.seq_len)
+    vocabulary = pipeline.vocabulary(data)
+    if vocabulary.vocab_size > model.vocab_size:
+        raise errors.UserError(f"the vocabulary {vocabulary.sentencepiece_model_file} has {vocabulary.vocab_size} "
+                               f"pieces but DecoderConfig.vocab_size is {model.vocab_size}: ids above it would "
+                               "have no embedding")
+    objective = LanguageModelObjective(model, data.seq_len, vocab_lib.describe(vocabulary))
     trainer = Trainer(objective, optim.adamw(schedule), cfg, mesh, rules, data.global_batch_size)
     return trainer, data, schedule
 

@@ -28,6 +28,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import gin
 import jax
@@ -39,8 +40,36 @@ from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from safejax import errors, hardware, parallel
-from safejax.train.checkpoint import Checkpointer, check_compatible
+from safejax.train.checkpoint import Checkpointer, CheckpointRecord, check_compatible
 from safejax.train.metrics import MetricsWriter, model_flops_utilization
+
+
+class Objective(Protocol):
+    """What the Trainer trains (train/lm.py, train/classify.py): the model, the loss over the
+    batch features it declares, its cost, and what its checkpoints record. Optional: a partial
+    warm-up, `partial_steps: int` and `partial_trainable(path) -> bool`."""
+
+    name: str
+
+    def create_model(self, rngs: nnx.Rngs) -> nnx.Module: ...
+
+    def loss(self, model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """(summed loss, summed weight): the Trainer divides, so microbatches add up exactly."""
+
+    def batch_features(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """Per-example (longest shape, dtype) of every feature the loss reads."""
+
+    def flops_per_example(self) -> float: ...
+
+    def tokens_per_example(self) -> int: ...
+
+    def fingerprint(self) -> dict:
+        """The fields that decide parameter shapes (a resume refuses a checkpoint of another)."""
+
+    def checkpoint_fields(self) -> dict:
+        """model_config, seq_len and vocabulary of train/checkpoint.CheckpointRecord."""
+
+    def describe(self) -> dict: ...
 
 
 class NonFiniteError(errors.UserError):
@@ -79,7 +108,7 @@ def _is_variable(x) -> bool:
 class Trainer:
     """Owns the sharded train state and the compiled steps for one objective on one mesh."""
 
-    def __init__(self, objective, optimizer: optax.GradientTransformation, cfg: TrainConfig,
+    def __init__(self, objective: Objective, optimizer: optax.GradientTransformation, cfg: TrainConfig,
                  mesh, rules, global_batch_size: int):
         self.objective, self.tx, self.cfg = objective, optimizer, cfg
         self.mesh, self.rules = mesh, rules
@@ -219,9 +248,9 @@ class Trainer:
         step = checkpointer.latest_step()
         if step is None:
             return None, 0
-        meta = checkpointer.read_meta(step)
-        check_compatible(meta.get("model", {}), self.objective.fingerprint(), checkpointer.directory)
-        return step, int(meta["data_position"])
+        record = checkpointer.read_record(step)
+        check_compatible(record.fingerprint, self.objective.fingerprint(), checkpointer.directory)
+        return step, record.data_position
 
     def load_state(self, checkpointer: Checkpointer, step: int | None):
         if step is None:
@@ -347,8 +376,9 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
                                      f"TrainConfig.on_nonfinite = 'stop'")
 
     def save(step, force=False):
-        meta = {"step": step, "data_position": step, "model": fingerprint}
-        checkpointer.save(step, state, meta, force=force)
+        record = CheckpointRecord(step=step, data_position=step, objective=trainer.objective.name,
+                                  fingerprint=fingerprint, **trainer.objective.checkpoint_fields())
+        checkpointer.save(step, state, record, force=force)
 
     try:
         for step in range(start + 1, cfg.steps + 1):
