@@ -39,7 +39,8 @@ from flax import nnx
 
 from safejax import config
 from safejax.data import sources
-from safejax.models.classifier import ClassifierConfig, SafetyClassifier, export
+from safejax.models.classifier import ClassifierConfig, SafetyClassifier
+from safejax.safety.classifier_export import export
 from safejax.safety import scoring
 
 

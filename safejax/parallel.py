@@ -110,6 +110,12 @@ def using(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _active.pop()
 
 
+def active() -> tuple[Mesh, Rules] | None:
+    """The mesh and rules of the innermost `using`, or None outside one (a kernel that must
+    be mapped over devices, such as splash attention, reads them while tracing)."""
+    return _active[-1] if _active else None
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Annotates an activation with its logical axes; a no-op outside `using`."""
     if not _active:
@@ -123,6 +129,22 @@ def tree_shardings(logical_axes_tree, shapes_tree, rules: Rules, mesh: Mesh):
     return jax.tree.map(lambda axes, s: sharding_for(axes, rules, mesh, s.shape),
                         logical_axes_tree, shapes_tree,
                         is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of an array every device holds whole (scalars, a scorer's params)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def module_shardings(abstract_state, rules: Rules, mesh: Mesh) -> tuple[dict, dict]:
+    """(shapes, shardings) as pure dicts for a module's abstract state (`nnx.split` of
+    `nnx.eval_shape`): each variable placed by the logical axes it declares."""
+    from flax import nnx
+
+    axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["logical_axes"], abstract_state,
+                                         is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    shapes = abstract_state.to_pure_dict()
+    return shapes, tree_shardings(axes, shapes, rules, mesh)
 
 
 def data_parallel_size(mesh: Mesh, rules: Rules) -> int:

@@ -17,7 +17,7 @@ from pretrained_files import minilm_dir  # noqa: F401 (fixture)
 
 from safejax import config, errors
 from safejax.models import encoder as enc
-from safejax.models.classifier import Scorer
+from safejax.safety.classifier_export import Scorer
 from safejax.safety import documents, labeled
 from safejax.train import classify
 from safejax.train.checkpoint import Checkpointer

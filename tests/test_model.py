@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from safejax.models.decoder import Decoder, DecoderConfig, count_params
-from safejax.models.layers import causal_attention, gated_silu, rope_tables
+from safejax import errors
+from safejax.models import attention
+from safejax.models.layers import gated_silu, rope_tables
 
 CFG = DecoderConfig(vocab_size=256, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
                     mlp_dim=128, dtype="float32")
@@ -130,19 +132,22 @@ def _plain_attention(q, k, v, segments):
     return jnp.einsum("bkgts,bksh->bkgth", jax.nn.softmax(scores, axis=-1), v)
 
 
-@pytest.mark.parametrize("query_block", [0, 5, 8, 16])
-def test_causal_attention_and_its_gradients_match_a_plain_masked_softmax(query_block):
-    """Blocks of queries and the hand-written backward pass change nothing, with GQA groups,
-    packed documents and trailing padding."""
+@pytest.mark.parametrize("kernel,query_block,t", [("blockwise", 0, 12), ("blockwise", 5, 12), ("blockwise", 8, 12),
+                                                  ("blockwise", 16, 12), ("dot_product", 0, 12), ("splash", 0, 128)])
+def test_causal_attention_and_its_gradients_match_a_plain_masked_softmax(kernel, query_block, t):
+    """Every kernel that runs on a CPU (splash in Pallas' interpreter), blocks of queries and the
+    hand-written backward pass change nothing, with GQA groups, packed documents and padding."""
     rng = np.random.default_rng(6)
-    b, kv, g, t, h = 2, 2, 2, 12, 8
+    b, kv, g, h = 2, 2, 2, 8
     q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32)
                for shape in ((b, kv, g, t, h), (b, kv, t, h), (b, kv, t, h)))
-    segments = np.array([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12])
+    cut = t * 5 // 12
+    segments = np.array([[1] * cut + [2] * (t - 2 * (t // 6) - cut) + [0] * (2 * (t // 6)), [1] * t])
     weights = jnp.asarray(rng.normal(size=(b, kv, g, t, h)), jnp.float32)
 
     def ours(q, k, v):
-        return causal_attention(q, k, v, jnp.asarray(segments), query_block, jnp.float32)
+        return attention.causal_attention(q, k, v, jnp.asarray(segments), kernel=kernel, query_block=query_block,
+                                          dtype=jnp.float32)
 
     def loss(fn):
         return lambda q, k, v: (fn(q, k, v) * weights).sum()
@@ -151,6 +156,47 @@ def test_causal_attention_and_its_gradients_match_a_plain_masked_softmax(query_b
     expected = jax.grad(loss(lambda *a: _plain_attention(*a, segments)), argnums=(0, 1, 2))(q, k, v)
     for got, want in zip(jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v), expected):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_splash_under_shard_map_on_the_mesh_matches_blockwise():
+    """On a (data 2, fsdp 2, tensor 2) mesh the splash kernel runs per device on its rows and K/V heads."""
+    from safejax import parallel
+
+    rules = (("batch", ("data", "fsdp")), ("kv_heads", "tensor"), ("heads", "tensor"))
+    mesh = parallel.build_mesh((2, 2, 2))
+    rng = np.random.default_rng(8)
+    b, kv, g, t, h = 4, 2, 2, 128, 8
+    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32)
+               for shape in ((b, kv, g, t, h), (b, kv, t, h), (b, kv, t, h)))
+    segments = jnp.asarray(np.repeat(np.arange(1, 5), 32)[None].repeat(b, 0))
+
+    def run(kernel):
+        with parallel.using(mesh, rules), jax.set_mesh(mesh):
+            return jax.jit(lambda *a: attention.causal_attention(*a, kernel=kernel, query_block=0,
+                                                                 dtype=jnp.float32))(q, k, v, segments)
+
+    np.testing.assert_allclose(run("splash"), run("blockwise"), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_the_kernel_of_each_platform():
+    assert attention.resolve("auto", "cpu") == "blockwise"
+    assert attention.resolve("auto", "gpu", "bfloat16") == "cudnn"
+    assert attention.resolve("auto", "gpu", "float32") == "dot_product"  # cuDNN's flash kernel is bf16/fp16 only
+    assert attention.resolve("auto", "tpu") == "splash"
+    assert attention.resolve("dot_product", "tpu") == "dot_product"
+    with pytest.raises(errors.UserError, match="'cudnn' needs a GPU"):
+        attention.resolve("cudnn", "cpu")
+    with pytest.raises(errors.UserError, match="DecoderConfig.attention must be one of"):
+        DecoderConfig(attention="flash")
+
+
+def test_the_decoder_gives_the_same_logits_with_every_cpu_kernel():
+    tokens = jnp.asarray(np.random.default_rng(7).integers(4, CFG.vocab_size, size=(2, 24)))
+    segments = jnp.asarray([[1] * 10 + [2] * 14, [1] * 24])
+    positions = jnp.asarray([list(range(10)) + list(range(14)), list(range(24))])
+    base = _model(DecoderConfig(**{**CFG.__dict__, "attention": "blockwise"}))(tokens, positions, segments)
+    plain = _model(DecoderConfig(**{**CFG.__dict__, "attention": "dot_product"}))(tokens, positions, segments)
+    np.testing.assert_allclose(plain, base, rtol=1e-5, atol=1e-5)
 
 
 def test_rope_tables_match_sin_and_cos_of_the_fp32_angles():

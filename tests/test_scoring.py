@@ -17,7 +17,8 @@ from pretrained_files import minilm_dir  # noqa: F401 (fixture)
 
 from safejax import cli, errors
 from safejax.data import scores
-from safejax.models.classifier import ClassifierConfig, SafetyClassifier, export
+from safejax.models.classifier import ClassifierConfig, SafetyClassifier
+from safejax.safety.classifier_export import export
 from safejax.models.encoder import EncoderConfig
 from safejax.safety import scoring, scoring_beam, windows
 

@@ -62,10 +62,7 @@ def load(workdir: str, step: int | None = None, vocab_path: str | None = None) -
         check_compatible(record.fingerprint, {"objective": "lm", **cfg.shape_dict()}, checkpointer.directory)
         abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(abstract)
-        axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
-                                             is_leaf=lambda x: isinstance(x, nnx.Variable)))
-        shapes = state.to_pure_dict()
-        shardings = parallel.tree_shardings(axes, shapes, rules, mesh)
+        shapes, shardings = parallel.module_shardings(state, rules, mesh)
         params = checkpointer.restore_params(step, jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings))
     state.replace_by_pure_dict(params)

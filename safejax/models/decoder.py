@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from safejax import errors
+from safejax.models import attention as attention_lib
 from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU, rope_tables
 
 # From this many rows, decoding reads the output head from `Decoder.output_kernel` (measured on
@@ -47,12 +48,16 @@ class DecoderConfig:
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots | dots_no_batch
-    query_block: int = 128  # causal attention by blocks of queries, skipping masked keys; 0: one block
+    attention: str = "auto"  # the training attention kernel (models/attention.py): auto picks per platform
+    query_block: int = 128  # blockwise kernel: queries by blocks, skipping masked keys; 0: one block
 
     def __post_init__(self):
         if self.remat != "none" and self.remat not in REMAT_POLICIES:
             raise errors.UserError(f"DecoderConfig.remat must be one of none, {', '.join(REMAT_POLICIES)}; "
                              f"got {self.remat!r}")
+        if self.attention not in attention_lib.KERNELS:
+            raise errors.UserError(f"DecoderConfig.attention must be one of {', '.join(attention_lib.KERNELS)}; "
+                                   f"got {self.attention!r}")
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim"):
             if getattr(self, name) <= 0:
                 raise errors.UserError(f"DecoderConfig.{name} must be positive, got {getattr(self, name)}")
@@ -80,7 +85,8 @@ class DecoderBlock(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.attn = Attention(cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size,
                               init_std=cfg.init_std, dtype=dt,
-                              param_dtype=pdt, rngs=rngs, query_block=cfg.query_block)
+                              param_dtype=pdt, rngs=rngs, query_block=cfg.query_block,
+                              kernel=attention_lib.resolve(cfg.attention, dtype=cfg.dtype))
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, dtype=dt,
                           param_dtype=pdt, rngs=rngs)

@@ -5,12 +5,12 @@ heads, kv_heads, head_dim, vocab); activations are annotated with `parallel.cons
 mapping lives in one rules table (configs/mesh/rules.gin), so no layer knows about devices.
 
 Parameters are stored in `param_dtype` (fp32) and cast to the compute `dtype` (bf16) where used:
-mixed precision without a separate master copy.
+mixed precision without a separate master copy. The training attention kernels (one per
+platform) are in models/attention.py; `attend` is the decoding attention over a K/V cache.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from safejax.models import attention as attention_lib
 from safejax.parallel import constrain
 
 Axes = tuple[str | None, ...]
@@ -107,100 +108,6 @@ def rotary(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def causal_attention(q, k, v, segment_ids, query_block: int, dtype) -> jax.Array:
-    """Causal softmax attention within packed documents, for training.
-
-    q: (b, kv, g, t, h), pre-scaled; k, v: (b, kv, t, h); segment_ids: (b, t), 0 for padding.
-    A query sees the keys of its own segment up to itself (a padding token sees padding only,
-    so no row is empty). Queries go by blocks of `query_block` that each score only the keys up
-    to their end ((n + 1) / 2n of the score matrix for n blocks; 0: one block).
-
-    Flash-style, with a hand-written backward pass (custom VJP): the mask is computed inside the
-    score fusion from positions and segment ids (no (b, t, t) bias array to read), the output is
-    normalised after the value product, and only the log-sum-exp per query is kept; the backward
-    pass recomputes the probabilities from the scores instead of storing them. On the CPU the
-    score-sized arrays cost memory traffic, not FLOPs, so fewer passes over them is the win.
-    """
-    b, kv, g, t, h = q.shape
-    out = _flash(q.reshape(b * kv, g, t, h), k.reshape(b * kv, t, h), v.reshape(b * kv, t, h),
-                 jnp.repeat(segment_ids, kv, axis=0), query_block, jnp.dtype(dtype))
-    return out.reshape(b, kv, g, t, h)
-
-
-def _query_blocks(t: int, query_block: int) -> list[tuple[int, int]]:
-    block = query_block if 0 < query_block < t else t
-    return [(start, min(start + block, t)) for start in range(0, t, block)]
-
-
-def _block_scores(q, k, segments, start: int, end: int) -> jax.Array:
-    """fp32 scores (z, g, end - start, end) of queries start..end-1 over keys 0..end-1, masked
-    with -1e30 (finite, so a max over them stays finite); the mask is built in the same fusion."""
-    s = jnp.einsum("zgth,zsh->zgts", q[:, :, start:end], k[:, :end], preferred_element_type=jnp.float32)
-    q_pos = start + jax.lax.broadcasted_iota(jnp.int32, (end - start, end), 0)
-    k_pos = jax.lax.broadcasted_iota(jnp.int32, (end - start, end), 1)
-    allowed = (q_pos >= k_pos) & (segments[:, start:end, None] == segments[:, None, :end])
-    return jnp.where(allowed[:, None], s, -1e30)
-
-
-def _concat_blocks(blocks):
-    return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=2)
-
-
-def _attention_fwd(q, k, v, segments, query_block, dtype):
-    """Output (z, g, t, h) and log-sum-exp (z, g, t, 1)."""
-    outs, lses = [], []
-    for start, end in _query_blocks(q.shape[2], query_block):
-        s = _block_scores(q, k, segments, start, end)
-        peak = jnp.max(s, axis=-1, keepdims=True)
-        p = jnp.exp(s - peak)
-        total = jnp.sum(p, axis=-1, keepdims=True)
-        o = jnp.einsum("zgts,zsh->zgth", p.astype(dtype), v[:, :end], preferred_element_type=jnp.float32)
-        outs.append((o / total).astype(dtype))  # normalised on (t, h), not on (t, s)
-        lses.append(peak + jnp.log(total))
-    return _concat_blocks(outs), _concat_blocks(lses)
-
-
-def _attention_bwd(q, k, v, segments, out, lse, d_out, query_block, dtype):
-    """Gradients of q, k, v, the probabilities recomputed from the scores and the log-sum-exp."""
-    f32 = jnp.float32
-    # rowsum(d_out * out) as a batched dot, not a multiply + reduce: XLA:CPU (jax 0.10.2) hands
-    # the latter to YNNPACK, which took ~25 ms a layer for this 64-wide reduction against ~1 ms.
-    delta = jnp.einsum("zgth,zgth->zgt", d_out, out, preferred_element_type=f32)[..., None]  # (z, g, t, 1)
-    # dk and dv are accumulated transposed, (z, h, t): XLA:CPU runs the products that contract
-    # the queries ~3x faster with head_dim as their output's rows than as its columns.
-    z, keys, h = k.shape
-    dq_blocks, dk_t, dv_t = [], jnp.zeros((z, h, keys), f32), jnp.zeros((z, h, keys), f32)
-    for start, end in _query_blocks(q.shape[2], query_block):
-        p = jnp.exp(_block_scores(q, k, segments, start, end) - lse[:, :, start:end])
-        do = d_out[:, :, start:end]
-        dp = jnp.einsum("zgth,zsh->zgts", do, v[:, :end], preferred_element_type=f32)
-        ds = (p * (dp - delta[:, :, start:end])).astype(dtype)
-        dq_blocks.append(jnp.einsum("zgts,zsh->zgth", ds, k[:, :end], preferred_element_type=f32))
-        dk_t = dk_t.at[:, :, :end].add(jnp.einsum("zgth,zgts->zhs", q[:, :, start:end], ds, preferred_element_type=f32))
-        dv_t = dv_t.at[:, :, :end].add(jnp.einsum("zgth,zgts->zhs", do, p.astype(dtype), preferred_element_type=f32))
-    return _concat_blocks(dq_blocks), dk_t.transpose(0, 2, 1), dv_t.transpose(0, 2, 1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, segments, query_block, dtype):
-    """Attention over (batch row, K/V head) pairs z: q (z, g, t, h), k, v (z, t, h), segments (z, t)."""
-    return _flash_fwd(q, k, v, segments, query_block, dtype)[0]
-
-
-def _flash_fwd(q, k, v, segments, query_block, dtype):
-    out, lse = _attention_fwd(q, k, v, segments, query_block, dtype)
-    return out, (q, k, v, segments, out, lse)
-
-
-def _flash_bwd(query_block, dtype, residuals, d_out):
-    q, k, v, segments, out, lse = residuals
-    dq, dk, dv = _attention_bwd(q, k, v, segments, out, lse, d_out, query_block, dtype)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
 def attend(q, k, v, bias, dtype) -> jax.Array:
     """Softmax attention of q (b, kv, g, t, h) over k, v (b, kv, s, h); bias (b, 1, t, s)."""
     logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32) + bias[:, :, None]
@@ -216,7 +123,7 @@ class Attention(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  init_std: float, dtype, param_dtype, rngs: nnx.Rngs,
-                 query_block: int = 0):
+                 query_block: int = 0, kernel: str = "blockwise"):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         init = nnx.initializers.normal(stddev=init_std)
@@ -229,11 +136,13 @@ class Attention(nnx.Module):
         self.wo = make_param(rngs, init, (num_heads, head_dim, d_model),
                              ("heads", "head_dim", "embed"), param_dtype)
         self.query_block = query_block
+        self.kernel = kernel  # a kernel of models/attention.py, already resolved for the platform
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], segment_ids: jax.Array) -> jax.Array:
         q, k, v = self._project(x, rope)
-        return self._output(causal_attention(q, k, v, segment_ids, self.query_block, self.dtype))
+        return self._output(attention_lib.causal_attention(q, k, v, segment_ids, kernel=self.kernel,
+                                                           query_block=self.query_block, dtype=self.dtype))
 
     def decode(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], bias: jax.Array, cache: dict,
                index: jax.Array) -> tuple[jax.Array, dict]:

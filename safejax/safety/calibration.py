@@ -93,7 +93,7 @@ def calibrate_export(model_dir: str, validation_texts: list[str], validation_lab
     the rule's per-level thresholds on the benign validation documents (the clean documents
     whole, and the examples scored 0 that are not windows of them); writes all of it into the
     export's classifier.json and returns it."""
-    from safejax.models.classifier import update_export_record
+    from safejax.safety.classifier_export import update_export_record
     from safejax.safety import windows as windows_lib
     from safejax.safety.scoring import DocumentScorer
 

@@ -115,7 +115,7 @@ def evaluate(workdir: str, split: str = "test", batch_size: int = 32) -> dict:
     The data (and so the split) comes from the bound LabeledDataConfig: the CLI parses the
     training run's WORKDIR/config.gin first, so the held-out texts are the ones training never saw.
     """
-    from safejax.models.classifier import Scorer
+    from safejax.safety.classifier_export import Scorer
 
     data_cfg = labeled.LabeledDataConfig()
     splits, _ = labeled.load(data_cfg)

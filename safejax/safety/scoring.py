@@ -2,7 +2,7 @@
 
 Long documents are cut into windows of the classifier's length that overlap by `overlap`
 tokens, all windows are scored (length-bucketed, jit-compiled batches sharded over the devices,
-models/classifier.Scorer), and the document rule of the export (safety/windows.py: "calibrated"
+safety/classifier_export.Scorer), and the document rule of the export (safety/windows.py: "calibrated"
 by default, "max" as in PAPER.md §1 with `rule="max"`) turns them into the document's `score`
 (integer 0-5), `expected_score` (continuous 0-5) and `p_at_least` (P(score >= k), k = 1..5), the
 fields a filter thresholds on; `probs` are those of its highest-scoring window.
@@ -45,7 +45,7 @@ class DocumentScorer:
         """`rule`: "calibrated" or "max" (None: the export's, "max" for an export without one)."""
         import tokenizers
 
-        from safejax.models.classifier import Scorer
+        from safejax.safety.classifier_export import Scorer
 
         self.scorer = Scorer(model_dir(checkpoint), batch_size=batch_size, dtype=dtype, calibrated=calibrated)
         fitted = self.scorer.record.get("document_rule") if calibrated else None

@@ -16,7 +16,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from safejax.data import sources
 from safejax.data.quarantine import QUARANTINE
-from safejax.models.classifier import read_export_config
+from safejax.safety.classifier_export import read_export_config
 from safejax.safety import scoring
 
 

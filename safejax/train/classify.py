@@ -32,7 +32,8 @@ from flax import nnx
 
 from safejax import config, errors, parallel
 from safejax.models import encoder as enc
-from safejax.models.classifier import ClassifierConfig, SafetyClassifier, export, is_head
+from safejax.models.classifier import ClassifierConfig, SafetyClassifier, is_head
+from safejax.safety.classifier_export import export
 from safejax.safety import calibration, documents, labeled
 from safejax.train import optim
 from safejax.train.checkpoint import Checkpointer

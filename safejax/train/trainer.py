@@ -37,7 +37,6 @@ import numpy as np
 import optax
 import tqdm
 from flax import nnx, traverse_util
-from jax.sharding import NamedSharding, PartitionSpec
 
 from safejax import errors, hardware, parallel
 from safejax.train.checkpoint import Checkpointer, CheckpointRecord, check_compatible
@@ -101,10 +100,6 @@ class TrainConfig:
             raise errors.UserError(f"TrainConfig.microbatches must be >= 1, got {self.microbatches}")
 
 
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
 class Trainer:
     """Owns the sharded train state and the compiled steps for one objective on one mesh."""
 
@@ -117,11 +112,8 @@ class Trainer:
 
         abstract_model = nnx.eval_shape(lambda: objective.create_model(nnx.Rngs(0)))
         self.graphdef, abstract_state = nnx.split(abstract_model)
-        param_axes = nnx.to_pure_dict(jax.tree.map(
-            lambda v: v.get_metadata()["logical_axes"], abstract_state, is_leaf=_is_variable))
-        param_shapes = abstract_state.to_pure_dict()
-        param_shardings = parallel.tree_shardings(param_axes, param_shapes, rules, mesh)
-        replicated = NamedSharding(mesh, PartitionSpec())
+        param_shapes, param_shardings = parallel.module_shardings(abstract_state, rules, mesh)
+        replicated = parallel.replicated(mesh)
         opt_shapes = jax.eval_shape(self.tx.init, param_shapes)
         opt_shardings = optax.tree_map_params(
             self.tx, lambda _, s: s, opt_shapes, param_shardings,
