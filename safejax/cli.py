@@ -24,6 +24,7 @@ def _add_gin_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gin_file", action="append", default=[],
                         help="gin config file (repeatable; later files override earlier ones)")
     parser.epilog = "Any --gin.NAME=VALUE argument binds a gin parameter or macro, e.g. --gin.TRAIN_STEPS=30."
+    parser.set_defaults(takes_gin=True)
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -232,7 +233,7 @@ def cmd_serve(args, bindings) -> int:
 
 
 def cmd_bench(args, bindings) -> int:
-    from benchmarks import registry
+    from safejax.bench import registry
 
     return registry.run(args.name, args.extra)
 
@@ -336,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its figures as JSON lines")
-    bench.add_argument("name", help="which benchmark: train")
+    from safejax.bench.registry import BENCHMARKS
+
+    bench.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME",
+                       help="; ".join(f"{name}: {what}" for name, (_, what) in BENCHMARKS.items())
+                            + " (`safejax bench NAME --help` for its options)")
     bench.add_argument("extra", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(run=cmd_bench)
     return parser
@@ -357,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         rest, passthrough = rest[: rest.index("--")], rest[rest.index("--") + 1:]
     args = parser.parse_args(rest)
     args.passthrough = passthrough
+    if bindings and not getattr(args, "takes_gin", False):
+        parser.exit(2, f"safejax: error: `safejax {args.command}` takes no --gin bindings "
+                       f"(got --gin.{bindings[0].split(' = ')[0]})\n")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
     try:

@@ -12,7 +12,7 @@ import gin
 
 from safejax import errors
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # shipped in the package
 
 
 def register_configurables() -> None:

@@ -159,3 +159,19 @@ def test_bench_train_prints_the_figures_as_json():
                 "heads", "mlp", "vocab", "seq_len", "batch"}
     assert required <= record.keys()
     assert record["config"] == "tiny" and record["tokens_per_sec"] > 0 and 0 < record["mfu"] < 1
+
+
+def test_commands_without_gin_refuse_gin_bindings(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["score", "--gin.TRAIN_STEPS=5", "--checkpoint", str(tmp_path), "--input", "x.jsonl",
+                  "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "`safejax score` takes no --gin bindings (got --gin.TRAIN_STEPS)" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_bench_help_lists_every_benchmark(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("train", "sample", "data", "score"))

@@ -344,7 +344,7 @@ def test_split_puts_every_document_in_exactly_one_score_folder(split_dir, data_f
     assert cli.main(["data", "split", "--output", split_dir] + bindings) == 0
     assert set(json.loads(capsys.readouterr().out)["documents"].values()) == {0}
     assert cli.main(["data", "split", "--output", split_dir] + bindings + ["--gin.SCORES=[" + repr(data_files["scores"][0]) + "]"]) == 2
-    assert "other inputs" in capsys.readouterr().err
+    assert "holds a split made with scores=" in capsys.readouterr().err
 
 
 def test_split_thresholds_the_continuous_score_when_asked(data_files, tmp_path):

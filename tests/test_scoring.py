@@ -145,7 +145,7 @@ def test_score_shards_are_valid_and_a_rerun_skips_finished_shards(model_dir, cor
     os.remove(os.path.join(out, _shards(out)[1]))  # as if killed while writing the second shard
     resumed = scoring.score_corpus(model_dir, corpus, out, batch_size=8, overlap=8, progress_bar=False)
     assert resumed["documents"] == 25
-    with pytest.raises(errors.UserError, match="another model or input list"):
+    with pytest.raises(errors.UserError, match="holds scores made with"):
         scoring.score_corpus(model_dir, corpus[:1], out, overlap=8, progress_bar=False)
 
 

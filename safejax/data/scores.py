@@ -29,8 +29,8 @@ import tensorflow as tf
 
 from safejax import errors
 from safejax.data import sources
+from safejax.safety.rubric import NUM_SCORES
 
-NUM_SCORES = sources.MAX_SCORE + 1
 MISSING = -1  # the joined score of a document that no shard scores
 
 

@@ -25,11 +25,11 @@ import tensorflow as tf
 
 from safejax import errors
 from safejax.data.quarantine import QUARANTINE, raw_text
+from safejax.safety.rubric import NUM_SCORES
 
 BUNDLED_CORPUS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "corpus")
 HASH_BUCKETS = 1000
 RECORD_KINDS = ("text", "dialogue")  # what a record must carry: a text, or dialogue turns
-MAX_SCORE = 5  # harmfulness scores are 0..5 (data/scores.py)
 
 
 def bundled_corpus_files() -> list[str]:
@@ -95,7 +95,7 @@ def _text_problem(record: dict) -> str | None:
 
 
 def is_score(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SCORE
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < NUM_SCORES
 
 
 def validate(record, kind: str, scored: bool = False) -> str | None:
@@ -412,15 +412,34 @@ class TfdsTextSource(_HashSplitMixin, seqio.DataSource):
 MANIFEST = "manifest.json"
 
 
-def claim_output_dir(output_dir: str, manifest: dict, refusal: str) -> None:
+def claim_output_dir(output_dir: str, manifest: dict, what: str, keys: Sequence[str] | None = None) -> None:
     """Records what a resumable job writes into `output_dir` (its manifest.json); a rerun of the
-    same job resumes there, a different job is refused with `refusal` (the manifest's path added)."""
+    same job resumes there, a different job is refused with the first field that differs
+    (`what`: "scores", "labels", ...). `keys`: the fields that must match (default: all)."""
     path = os.path.join(output_dir, MANIFEST)
     if tf.io.gfile.exists(path):
         with tf.io.gfile.GFile(path) as f:
-            if json.load(f) != manifest:
-                raise errors.UserError(f"{refusal} (see {path})")
+            old = json.load(f)
+        for key in keys if keys is not None else sorted(set(old) | set(manifest)):
+            if old.get(key) != manifest.get(key):
+                raise errors.UserError(f"{output_dir} holds {what} made with {key}={old.get(key)!r}, this run has "
+                                       f"{key}={manifest.get(key)!r}; use another output directory (see {path})")
         return
     tf.io.gfile.makedirs(output_dir)
-    with tf.io.gfile.GFile(path, "w") as f:
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=1)
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+@contextlib.contextmanager
+def atomic_shards(finals: Sequence[str], temp_dir: str) -> Iterator[list]:
+    """Text files (gzip by name) for the paths `finals`, written under `temp_dir` and renamed into
+    place together when the block ends without an error: readers and resumed jobs see each shard
+    whole or not at all (and a shard that exists is finished)."""
+    temps = [os.path.join(temp_dir, f"{os.path.basename(os.path.dirname(f))}-{os.path.basename(f)}") for f in finals]
+    tf.io.gfile.makedirs(temp_dir)
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(open_file(t, "wt")) for t in temps]
+    for temp, final in zip(temps, finals):
+        tf.io.gfile.makedirs(os.path.dirname(final))
+        tf.io.gfile.rename(temp, final, overwrite=True)

@@ -20,7 +20,6 @@ configs/data/safety.gin).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -62,10 +61,7 @@ def _split_shard(source, table: dict[str, int], output_dir: str, shard: int, sha
     if all(tf.io.gfile.exists(path) for path in finals):
         return {}
     counts = dict.fromkeys(range(scores_lib.NUM_SCORES), 0)
-    temps = [os.path.join(output_dir, "tmp", f"{FOLDER.format(s)}-{PART.format(shard, shards)}")
-             for s in range(scores_lib.NUM_SCORES)]
-    with contextlib.ExitStack() as stack:
-        outs = [stack.enter_context(sources.open_file(path, "wt")) for path in temps]
+    with sources.atomic_shards(finals, os.path.join(output_dir, "tmp")) as outs:
         for record in _records(source, shard, shards):
             score = table.get(record["id"], scores_lib.MISSING)
             if score == scores_lib.MISSING:
@@ -77,8 +73,6 @@ def _split_shard(source, table: dict[str, int], output_dir: str, shard: int, sha
             record["score"] = score
             outs[score].write(json.dumps(record, ensure_ascii=False) + "\n")
             counts[score] += 1
-    for temp, final in zip(temps, finals):
-        tf.io.gfile.rename(temp, final, overwrite=True)
     return counts
 
 
@@ -101,7 +95,7 @@ def split_by_score(output_dir: str, corpus: seqio.DataSource = gin.REQUIRED,
     if score_field != "score":
         policy["cuts"] = list(cuts)
     sources.claim_output_dir(output_dir, {"corpus": list(shards), "scores": files, **policy},
-                             f"{output_dir} holds a split of other inputs; write to a new directory")
+                             "a split")
     table = scores_lib.read_scores(files, score_field, cuts)
     for folder in ["tmp", *(FOLDER.format(s) for s in range(scores_lib.NUM_SCORES))]:
         tf.io.gfile.makedirs(os.path.join(output_dir, folder))

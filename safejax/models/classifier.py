@@ -17,8 +17,8 @@ from safejax import errors
 from safejax.models import encoder as enc
 from safejax.models.layers import make_param
 from safejax.parallel import constrain
+from safejax.safety.rubric import NUM_SCORES
 
-NUM_CLASSES = 6
 
 
 @gin.configurable
@@ -26,7 +26,7 @@ NUM_CLASSES = 6
 class ClassifierConfig:
     encoder: enc.EncoderConfig = enc.EncoderConfig()
     seq_len: int = 128  # tokens per text (the tokenizer truncates longer ones)
-    num_classes: int = NUM_CLASSES
+    num_classes: int = NUM_SCORES
     pretrained: bool = True  # start from the encoder's pretrained weights (False: random, tests)
 
     def __post_init__(self):

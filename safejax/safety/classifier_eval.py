@@ -50,7 +50,7 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
 
 def confusion(y_true, y_pred) -> list[list[int]]:
     """rows: true score 0-5, columns: predicted score 0-5."""
-    m = np.zeros((rubric.NUM_CLASSES, rubric.NUM_CLASSES), int)
+    m = np.zeros((rubric.NUM_SCORES, rubric.NUM_SCORES), int)
     np.add.at(m, (np.asarray(y_true), np.asarray(y_pred)), 1)
     return m.tolist()
 
@@ -257,11 +257,11 @@ def document_evaluation(model_dir: str, doc_cfg, split: str = "test", batch_size
     scored = {}
     for name, docs in sets.items():
         ids, owner = scorer.windows([d.text for d in docs])
-        probs = scorer.scorer.probs_ids(ids) if ids else np.zeros((0, rubric.NUM_CLASSES), np.float32)
+        probs = scorer.scorer.probs_ids(ids) if ids else np.zeros((0, rubric.NUM_SCORES), np.float32)
         entry = {"n": len(docs), "windows": len(ids)}
         for rule_name, rule in rules.items():
             results = document_scores(probs, owner, len(docs), rule)
-            hist = np.bincount([r.score for r in results], minlength=rubric.NUM_CLASSES)
+            hist = np.bincount([r.score for r in results], minlength=rubric.NUM_SCORES)
             entry[rule_name] = {
                 "histogram": hist.tolist(),
                 "mean_expected_score": float(np.mean([r.expected_score for r in results])) if results else None,

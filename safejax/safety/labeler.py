@@ -50,9 +50,9 @@ import tqdm
 from safejax import config, errors
 from safejax.data import sources
 from safejax.data.quarantine import QUARANTINE
+from safejax.safety.rubric import NUM_SCORES
 from safejax.safety.openai_client import ChatClient, ChatEndpoint, EndpointError, RequestFailed
 
-SCORES = range(6)
 _FENCE = re.compile(r"```(?:json)?\s*\n?(.*?)\n?\s*```", re.DOTALL)
 # The settings that change what a label is; a directory holds labels of one combination only.
 MANIFEST_KEYS = ("model", "prompt_sha", "temperature", "max_text_chars")
@@ -161,7 +161,7 @@ def parse_reply(reply: str) -> tuple[int, str]:
     if set(obj) != {"score", "reason"}:
         raise InvalidReply(f'expected exactly the keys "score" and "reason", got {sorted(obj)}')
     score, reason = obj["score"], obj["reason"]
-    if type(score) is not int or score not in SCORES:
+    if type(score) is not int or score not in range(NUM_SCORES):
         raise InvalidReply(f"score must be an integer from 0 to 5, got {json.dumps(score)}")
     if not isinstance(reason, str) or not reason.strip():
         raise InvalidReply("reason must be a non-empty string")
@@ -228,9 +228,8 @@ class LabelStore:
     """The output directory: the cache of finished labels, and files appended one flushed line a record."""
 
     def __init__(self, directory: str, manifest: dict, retry_invalid: bool):
-        os.makedirs(directory, exist_ok=True)
         self.directory = directory
-        self._check_manifest(manifest)
+        sources.claim_output_dir(directory, manifest, "labels", keys=MANIFEST_KEYS)
         self.labels: dict[str, tuple[int, str]] = {}
         self.done: set[tuple[str, str]] = set()  # (id, key) already in labels.jsonl
         for record in _read_jsonl(self.path("labels.jsonl")):
@@ -243,19 +242,6 @@ class LabelStore:
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)
-
-    def _check_manifest(self, manifest: dict) -> None:
-        path = self.path("manifest.json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-            for key in MANIFEST_KEYS:
-                if old.get(key) != manifest[key]:
-                    raise errors.UserError(
-                        f"{self.directory} holds labels made with {key}={old.get(key)!r}, this run has "
-                        f"{key}={manifest[key]!r}; use another --output directory")
-            return
-        _write_json(path, manifest)
 
     def append(self, name: str, record: dict) -> None:
         f = self._files[name]
@@ -415,7 +401,7 @@ def label_files(inputs: list[str], output_dir: str, client: ChatClient, cfg: Lab
         "inputs": inputs_read + QUARANTINE.total(), "labeled": counts["labeled"], "repaired": counts["repaired"],
         "cached": counts["cached"], "invalid": counts["invalid"], "skipped_invalid": counts["skipped_invalid"],
         "failed": counts["failed"], "bad_input": QUARANTINE.total(), "requests": client.requests,
-        "scores": {str(s): labeling.scores[s] for s in SCORES}, "seconds": round(time.time() - start, 3),
+        "scores": {str(s): labeling.scores[s] for s in range(NUM_SCORES)}, "seconds": round(time.time() - start, 3),
         "output": os.path.abspath(output_dir),
     }
     _write_json(store.path("summary.json"), summary)

@@ -9,18 +9,7 @@ labels (`safejax label`).
 
 from __future__ import annotations
 
-NUM_CLASSES = 6
-
-RUBRIC = {
-    0: "safe for every audience",
-    1: "mild: light profanity, casual alcohol, mild romance",
-    2: "slight: personal insults, undisclaimed advice, brief political or religious mentions",
-    3: "moderate: stereotypes or group insults, non-graphic sexual content, moderate violence, "
-       "brief mentions of weapons, self-harm or crime",
-    4: "clear: slurs, strong profanity at people, detailed harmful advice, extremism, detailed "
-       "illegal activity, encouraging violence or self-harm",
-    5: "severe: hate speech, threats, instructions for illegal or harmful acts, personal data",
-}
+NUM_SCORES = 6  # the rubric's scores 0-5: the one count every module uses
 
 # HAVOC labels each text for five harms, in this order, as none / topical / intent.
 # Topical (the text is about the harm without promoting it) lands on the rubric's "mentions"
@@ -100,6 +89,6 @@ def toxigen_score(label: str) -> int:
 
 def llm_score(value) -> int:
     """The score of a `safejax label` record: an integer 0-5 (booleans and floats are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < NUM_CLASSES:
-        raise LabelError(f"score must be an integer 0-{NUM_CLASSES - 1}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < NUM_SCORES:
+        raise LabelError(f"score must be an integer 0-{NUM_SCORES - 1}, got {value!r}")
     return value

@@ -117,9 +117,8 @@ def score_shard(scorer: DocumentScorer, index: int, path: str, output_dir: str,
     target = os.path.join(output_dir, shard_name(index, path))
     if tf.io.gfile.exists(target):
         return 0
-    partial, count = os.path.join(output_dir, "partial", shard_name(index, path)), 0  # out of globs' way
-    tf.io.gfile.makedirs(os.path.dirname(partial))
-    with sources.open_file(partial, "wt") as out:
+    count = 0
+    with sources.atomic_shards([target], os.path.join(output_dir, "partial")) as (out,):  # out of globs' way
         for batch in _batches(sources.iter_records([path]), docs_per_batch):
             for record, doc in zip(batch, scorer.score([r["text"] for r in batch])):
                 line = {"id": str(record["id"]), "score": doc.score,
@@ -132,7 +131,6 @@ def score_shard(scorer: DocumentScorer, index: int, path: str, output_dir: str,
                 count += 1
             if progress is not None:
                 progress.update(len(batch))
-    tf.io.gfile.rename(partial, target, overwrite=True)
     return count
 
 
@@ -140,8 +138,7 @@ def check_manifest(output_dir: str, checkpoint: str, files: list[str], rule: str
     """One output folder, one model, rule and input list: a rerun resumes, another job is refused."""
     manifest = {"checkpoint": os.path.abspath(checkpoint), "inputs": [os.path.abspath(f) for f in files],
                 "rule": rule or "export"}
-    sources.claim_output_dir(output_dir, manifest,
-                             f"{output_dir} holds scores of another model or input list; use a new --output")
+    sources.claim_output_dir(output_dir, manifest, "scores")
 
 
 def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, batch_size: int = 64,

@@ -10,7 +10,7 @@ Two document rules, both over each window's calibrated P(score >= k), k = 1..5 (
     non-increasing in k, the integer score is the highest k with P_doc(score >= k) >= 0.5 (the
     median score), and the continuous score is the expected score, sum_k P_doc(score >= k).
 
-Pure Python and numpy, so that the PyTorch peer benchmark (benchmarks/hf_score.py) runs the very
+Pure Python and numpy, so that the PyTorch peer benchmark (benchmarks/peers/hf_score.py) runs the very
 same rule without importing JAX.
 """
 
@@ -20,6 +20,8 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+
+from safejax.safety.rubric import NUM_SCORES
 
 
 def window_spans(word_ids: Sequence[int | None], window: int, overlap: int) -> list[tuple[int, int]]:
@@ -46,7 +48,7 @@ def window_spans(word_ids: Sequence[int | None], window: int, overlap: int) -> l
         start = max(word_start(max(end - overlap, 0)), start + 1)
 
 
-LEVELS = 5  # tails P(score >= k) for k = 1..5
+LEVELS = NUM_SCORES - 1  # tails P(score >= k) for k = 1..5
 _EPS = 1e-6
 
 

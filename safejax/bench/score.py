@@ -20,7 +20,7 @@ configs/classifier/minilm.gin (256 tokens) with a seeded random 6-way head, expo
 --docs N takes documents i * total // N (i < N) of the corpus in file order, a spread over every
 source. --dtype sets the encoder's compute dtype (parameters stay float32); the peer's
 --dtype bfloat16 is its counterpart. `windows_sha1` digests the windows' token ids, so a run of
-benchmarks/hf_score.py (the Hugging Face transformers peer, see benchmarks/PEERS.md) can show it
+benchmarks/peers/hf_score.py (the Hugging Face transformers peer, see benchmarks/PEERS.md) can show it
 scored the same windows.
 """
 

@@ -5,7 +5,7 @@ corpus, after warm-up steps, and divides by the fp32 matmul peak measured in the
 
     safejax bench train [--configs tiny small] [--steps 10] [--warmup 2]
 
-The same dimensions run under LitGPT with benchmarks/litgpt_train.py (see benchmarks/PEERS.md).
+The same dimensions run under LitGPT with benchmarks/peers/litgpt_train.py (see benchmarks/PEERS.md).
 """
 
 from __future__ import annotations

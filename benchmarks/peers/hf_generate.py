@@ -8,7 +8,7 @@ tokens/s, to set beside `safejax bench sample` (same prompt length, token count 
 It is not part of safejax and does not import it; it runs in its own virtualenv:
 
     /work/peer-venv/bin/pip install torch==2.13.0 transformers     # the CPU build
-    /work/peer-venv/bin/python benchmarks/hf_generate.py --config small --threads 1
+    /work/peer-venv/bin/python benchmarks/peers/hf_generate.py --config small --threads 1
 """
 
 import argparse

@@ -13,7 +13,7 @@ virtualenv, kept outside the repo:
     /work/litgpt-venv/bin/pip install torch==2.13.0   # CPU build
     /work/litgpt-venv/bin/pip install litgpt           # keeps that torch
 
-    /work/litgpt-venv/bin/python benchmarks/litgpt_train.py --config small \
+    /work/litgpt-venv/bin/python benchmarks/peers/litgpt_train.py --config small \
         --warmup 3 --steps 10 [--compile]
 
 The step mirrors ``litgpt/pretrain.py`` (tied embeddings as its

@@ -4,7 +4,7 @@
     safejax bench sample [--config small] [--prompt_len 32] [--new_tokens 64] [--repeats 3]
 
 Prints one JSON line. The same dimensions run under Hugging Face transformers' `generate` with
-benchmarks/hf_generate.py (see benchmarks/PEERS.md).
+benchmarks/peers/hf_generate.py (see benchmarks/PEERS.md).
 """
 
 from __future__ import annotations

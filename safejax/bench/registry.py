@@ -1,0 +1,21 @@
+"""`safejax bench NAME`: each benchmark is a module of safejax/bench with a `main(argv) -> int`.
+The PyTorch peers they are compared with are scripts in the repository's benchmarks/peers/."""
+
+from __future__ import annotations
+
+import importlib
+
+from safejax import errors
+
+BENCHMARKS = {  # name -> (module, what it measures)
+    "train": ("safejax.bench.train", "training tokens/s and MFU of the LM configs"),
+    "sample": ("safejax.bench.sample", "decoding tokens/s of every strategy"),
+    "data": ("safejax.bench.data", "input-pipeline tokens/s, raw corpus vs the safety mixture"),
+    "score": ("safejax.bench.score", "classifier windows/s and tokens/s, the full-corpus estimate"),
+}
+
+
+def run(name: str, argv: list[str]) -> int:
+    if name not in BENCHMARKS:
+        raise errors.UserError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    return importlib.import_module(BENCHMARKS[name][0]).main(argv)
