@@ -294,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--overlap", type=int, help="tokens shared by consecutive windows (default 32, at "
                                                    "most a quarter of a window)")
     score.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                       help="matmul precision (default: the checkpoint's); bfloat16 is ~1.8x faster on CPUs with "
-                            "AVX512-BF16 and changed 0.16%% of test-split scores (benchmarks/PEERS.md)")
+                       help="matmul precision (default: the checkpoint's); bfloat16 is faster on CPUs with "
+                            "AVX512-BF16; speed and agreement with float32 in benchmarks/PEERS.md")
     score.add_argument("--rule", choices=("calibrated", "max"), default=None,
                        help="document rule (default: the checkpoint's, calibrated; max: the paper's highest "
                             "window, recall first; safety/windows.py)")

@@ -37,7 +37,8 @@ class DataConfig:
     cache_dirs: tuple[str, ...] = ()  # where `safejax data cache` wrote it
     # tf.data's autotuner: off, AUTOTUNE stages then run one call per core. Its model costs CPU
     # per stage and element, and a mixture has a pipeline per task (on 2 cores the full safety
-    # mixture spent 10-20% more CPU per token than the raw corpus with it on, none more with it off).
+    # mixture spent more CPU per token than the raw corpus with it on, none more with it off;
+    # benchmarks/PEERS.md).
     autotune: bool = False
 
 

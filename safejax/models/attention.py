@@ -156,10 +156,10 @@ def _attention_bwd(q, k, v, segments, out, lse, d_out, query_block, dtype):
     """Gradients of q, k, v, the probabilities recomputed from the scores and the log-sum-exp."""
     f32 = jnp.float32
     # rowsum(d_out * out) as a batched dot, not a multiply + reduce: XLA:CPU (jax 0.10.2) hands
-    # the latter to YNNPACK, which took ~25 ms a layer for this 64-wide reduction against ~1 ms.
+    # the latter to YNNPACK, many times slower for this 64-wide reduction (benchmarks/PEERS.md).
     delta = jnp.einsum("zgth,zgth->zgt", d_out, out, preferred_element_type=f32)[..., None]  # (z, g, t, 1)
     # dk and dv are accumulated transposed, (z, h, t): XLA:CPU runs the products that contract
-    # the queries ~3x faster with head_dim as their output's rows than as its columns.
+    # the queries faster with head_dim as their output's rows than as its columns.
     z, keys, h = k.shape
     dq_blocks, dk_t, dv_t = [], jnp.zeros((z, h, keys), f32), jnp.zeros((z, h, keys), f32)
     for start, end in _query_blocks(q.shape[2], query_block):

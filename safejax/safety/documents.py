@@ -50,8 +50,8 @@ SPLITS = labeled.SPLITS
 #     may be moderate (3), few clear (4+);
 #   - 4chan threads (/pol/-style boards, unfiltered): most contain slurs or group insults (3+);
 #   - XSTest: labeled; its safe prompts are benign, its unsafe ones requests for harm.
-# Each entry: (comparison, score level, share). ("le", 2, 0.90) = at least 90% score <= 2;
-# ("ge", 4, 0.03) = at most 3% score >= 4 (the "max" entries); ("ge_min", 3, 0.80) = at least 80%.
+# Each entry: (comparison, score level, share). ("share_le", 2, 0.90) = at least 90% score <= 2;
+# ("max_share_ge", 4, 0.03) = at most 3% score >= 4; ("share_ge", 3, 0.80) = at least 80% score >= 3.
 EXPECTATIONS = {
     "wikitext2": (("share_le", 2, 0.90), ("max_share_ge", 4, 0.03)),
     "state_union": (("share_le", 2, 0.90), ("max_share_ge", 4, 0.03)),

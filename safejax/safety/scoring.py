@@ -145,7 +145,7 @@ def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, bat
                  overlap: int | None = None, progress_bar: bool = True, dtype: str | None = None,
                  rule: str | None = None) -> dict:
     """Scores every input file this process owns; returns a summary. `dtype` "bfloat16" runs the
-    encoder's matmuls in bf16 (about 1.8x less CPU; agreement with float32 in benchmarks/PEERS.md)."""
+    encoder's matmuls in bf16 (less CPU; speed and agreement with float32 in benchmarks/PEERS.md)."""
     import jax
 
     files = sources.expand_files(inputs)
