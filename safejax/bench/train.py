@@ -48,7 +48,7 @@ def bench_config(name: str, steps: int, warmup: int, bindings: list[str]) -> dic
             "peak_flops": round(peak), "step_time_s": round(elapsed / steps, 4),
             "step_cpu_s": round(cpu / steps, 4), "loadavg_1m": round(os.getloadavg()[0], 2),
             "devices": jax.device_count(), "platform": jax.devices()[0].platform,
-            "batch": trainer.global_batch_size, "dtype": trainer.objective.model.dtype,
+            "batch": trainer.global_batch_size, "dtype": trainer.objective.model_config.dtype,
             "mesh": dict(trainer.mesh.shape), "final_loss": round(float(metrics["loss"]), 4),
             **trainer.objective.describe()}
 

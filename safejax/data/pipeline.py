@@ -20,7 +20,16 @@ import tensorflow as tf
 
 from safejax import errors
 from safejax import vocab as vocab_lib
-from safejax.train.lm import FEATURES
+
+
+# The batch features the pipeline emits: seqio decoder feature -> the name objectives read
+FEATURES = {
+    "decoder_input_tokens": "tokens",
+    "decoder_target_tokens": "targets",
+    "decoder_loss_weights": "weights",
+    "decoder_positions": "positions",
+    "decoder_segment_ids": "segment_ids",
+}
 
 
 @gin.configurable

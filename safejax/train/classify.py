@@ -44,7 +44,7 @@ from safejax.train.trainer import TrainConfig, Trainer, fit
 class ClassifierObjective:
     """Weighted multiclass cross-entropy of the 6-way head; the trainer's objective protocol."""
 
-    model: ClassifierConfig
+    model_config: ClassifierConfig
     class_weights: tuple[float, ...]
     positive_weight: float  # λ: loss multiplier of examples scored above 0
     partial_steps: int = 0  # head-only warm-up steps
@@ -52,7 +52,7 @@ class ClassifierObjective:
     name = "classifier"
 
     def create_model(self, rngs: nnx.Rngs) -> SafetyClassifier:
-        return SafetyClassifier(self.model, rngs=rngs)
+        return SafetyClassifier(self.model_config, rngs=rngs)
 
     def partial_trainable(self, path: tuple) -> bool:
         return is_head(path)
@@ -70,26 +70,26 @@ class ClassifierObjective:
         return (nll * weights).sum(), weights.sum()
 
     def batch_features(self) -> dict:
-        length = (self.model.seq_len,)
+        length = (self.model_config.seq_len,)
         return {"tokens": (length, jnp.int32), "mask": (length, jnp.int32),
                 "labels": ((), jnp.int32), "valid": ((), jnp.int32)}
 
     def flops_per_example(self) -> float:
-        e, t = self.model.encoder, self.model.seq_len
+        e, t = self.model_config.encoder, self.model_config.seq_len
         per_layer = 4 * e.d_model**2 + 2 * e.d_model * e.mlp_dim
-        matmul = e.num_layers * per_layer + e.d_model * self.model.num_classes
+        matmul = e.num_layers * per_layer + e.d_model * self.model_config.num_classes
         return 6.0 * matmul * t + 12.0 * e.num_layers * e.d_model * t * t
 
     def tokens_per_example(self) -> int:
-        return self.model.seq_len
+        return self.model_config.seq_len
 
     def fingerprint(self) -> dict:
-        return {"objective": self.name, **self.model.shape_dict(), "seq_len": self.model.seq_len,
+        return {"objective": self.name, **self.model_config.shape_dict(), "seq_len": self.model_config.seq_len,
                 "partial_steps": self.partial_steps}
 
     def checkpoint_fields(self) -> dict:
         """What the checkpoint record says beyond shapes (the tokenizer ships with the export)."""
-        return {"model_config": dataclasses.asdict(self.model), "seq_len": self.model.seq_len, "vocabulary": None}
+        return {"model_config": dataclasses.asdict(self.model_config), "seq_len": self.model_config.seq_len, "vocabulary": None}
 
     def describe(self) -> dict:
         return {**self.fingerprint(), "class_weights": list(self.class_weights),

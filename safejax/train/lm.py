@@ -12,16 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from safejax.data.pipeline import FEATURES
 from safejax.models.decoder import Decoder, DecoderConfig, count_params, flops_per_token
 
-# seqio decoder feature -> the name used here
-FEATURES = {
-    "decoder_input_tokens": "tokens",
-    "decoder_target_tokens": "targets",
-    "decoder_loss_weights": "weights",
-    "decoder_positions": "positions",
-    "decoder_segment_ids": "segment_ids",
-}
 
 
 @jax.custom_vjp
@@ -54,14 +47,14 @@ cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 @dataclasses.dataclass(frozen=True)
 class LanguageModelObjective:
-    model: DecoderConfig
+    model_config: DecoderConfig
     seq_len: int
     vocabulary: dict | None = None  # vocab.describe() of the data's vocabulary, for the checkpoint record
 
     name = "lm"
 
     def create_model(self, rngs: nnx.Rngs) -> Decoder:
-        return Decoder(self.model, rngs=rngs)
+        return Decoder(self.model_config, rngs=rngs)
 
     def loss(self, model: Decoder, batch: dict) -> tuple[jax.Array, jax.Array]:
         """Summed token cross-entropy and the summed weights (the caller divides, so that
@@ -75,21 +68,21 @@ class LanguageModelObjective:
         return {name: ((self.seq_len,), jnp.int32) for name in FEATURES.values()}
 
     def flops_per_example(self) -> float:
-        return flops_per_token(self.model, self.seq_len) * self.seq_len
+        return flops_per_token(self.model_config, self.seq_len) * self.seq_len
 
     def tokens_per_example(self) -> int:
         return self.seq_len
 
     def fingerprint(self) -> dict:
-        return {"objective": self.name, **self.model.shape_dict()}
+        return {"objective": self.name, **self.model_config.shape_dict()}
 
     def checkpoint_fields(self) -> dict:
         """What the checkpoint record says of the model beyond its shapes."""
-        return {"model_config": dataclasses.asdict(self.model), "seq_len": self.seq_len,
+        return {"model_config": dataclasses.asdict(self.model_config), "seq_len": self.seq_len,
                 "vocabulary": self.vocabulary}
 
     def describe(self) -> dict:
-        m = self.model
+        m = self.model_config
         return {"params": count_params(m)["total"], "layers": m.num_layers, "d_model": m.d_model,
                 "heads": m.num_heads, "kv_heads": m.kv_heads, "mlp": m.mlp_dim,
                 "vocab": m.vocab_size, "seq_len": self.seq_len}

@@ -49,6 +49,7 @@ class Objective(Protocol):
     warm-up, `partial_steps: int` and `partial_trainable(path) -> bool`."""
 
     name: str
+    model_config: Any  # the model's config (DecoderConfig, ClassifierConfig)
 
     def create_model(self, rngs: nnx.Rngs) -> nnx.Module: ...
 
