@@ -13,9 +13,8 @@ import safety_fixtures as fx
 from safejax import cli, config, errors, vocab
 from safejax.data import dialogue, pipeline, scores, sources, split, stats, tasks
 from safejax.data.quarantine import QUARANTINE
-from safejax.data.tasks import BUNDLED_VOCAB
 
-VOCAB = vocab.load_vocabulary(BUNDLED_VOCAB)
+VOCAB = vocab.load_vocabulary(vocab.BUNDLED_VOCAB)
 RESERVED = vocab.reserved_ids(VOCAB)
 TAG = RESERVED[vocab.HARM_TAG]
 

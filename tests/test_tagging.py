@@ -4,10 +4,10 @@ import numpy as np
 import tensorflow as tf
 
 from safejax import vocab
-from safejax.data import sources, tasks
+from safejax.data import sources
 from safejax.safety import tagging
 
-VOCAB = vocab.load_vocabulary(tasks.BUNDLED_VOCAB)
+VOCAB = vocab.load_vocabulary(vocab.BUNDLED_VOCAB)
 TAG = vocab.reserved_ids(VOCAB)[vocab.HARM_TAG]
 CLASSES = {k: tf.constant(v) for k, v in tagging.piece_classes(VOCAB).items()}
 

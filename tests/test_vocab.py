@@ -5,9 +5,8 @@ import json
 import pytest
 
 from safejax import cli, errors, vocab
-from safejax.data import tasks
 
-BUNDLED = vocab.load_vocabulary(tasks.BUNDLED_VOCAB)
+BUNDLED = vocab.load_vocabulary(vocab.BUNDLED_VOCAB)
 
 
 @pytest.fixture(scope="module")

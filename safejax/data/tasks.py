@@ -26,7 +26,6 @@ folders by `safejax data split` (data/split.py), each task reading only its own 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import gin
@@ -39,7 +38,6 @@ from safejax.data import scores as scores_lib
 from safejax.data import preprocessors as pre
 from safejax.safety import tagging
 
-BUNDLED_VOCAB = vocab_lib.BUNDLED_VOCAB
 
 ABLATIONS = {
     "ablation_raw": ("raw",),
@@ -127,7 +125,7 @@ def _score_sources(corpus: seqio.DataSource, score_files: tuple[str, ...],
 
 @gin.configurable
 def jsonl_lm_task(name: str = "bundled_corpus", files: Sequence[str] | None = None,
-                  vocab_path: str = BUNDLED_VOCAB, validation_permille: int = 20,
+                  vocab_path: str = vocab_lib.BUNDLED_VOCAB, validation_permille: int = 20,
                   shuffle_buffer_size: int = 1024) -> str:
     """Registers a plain LM Task over JSONL files (the bundled corpus by default); its name."""
     return _register(name, jsonl_source(files, validation_permille),
@@ -142,7 +140,7 @@ def safety_data(corpus: seqio.DataSource | None = None,
                 rephrased: Sequence[str] | None = None,
                 refuseweb: Sequence[str] | None = None,
                 moral_education: Sequence[str] | None = None,
-                vocab_path: str = BUNDLED_VOCAB,
+                vocab_path: str = vocab_lib.BUNDLED_VOCAB,
                 on_missing_score: str = "error",
                 tag_rate: float = 0.05,
                 tag_scores: tuple[int, int] = (1, 5),
