@@ -68,17 +68,13 @@ def update_export_record(directory: str, **fields) -> None:
 
 
 def read_export_config(directory: str) -> ClassifierConfig:
-    path = os.path.join(directory, EXPORT_CONFIG)
-    if not os.path.isfile(path):
-        raise errors.UserError(f"{directory} is not an exported classifier (no {EXPORT_CONFIG}); "
-                               f"pass the model/ folder that safejax classifier-train writes")
+    record = read_export_record(directory)
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
         encoder = enc.EncoderConfig(**{**record["encoder"], "weights_dir": os.path.abspath(directory)})
         return ClassifierConfig(encoder=encoder, seq_len=record["seq_len"],
                                 num_classes=record["num_classes"], pretrained=False)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
+        path = os.path.join(directory, EXPORT_CONFIG)
         raise errors.UserError(f"{path}: not a classifier config ({' '.join(str(e).split())})") from e
 
 
