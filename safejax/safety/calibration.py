@@ -108,13 +108,13 @@ def calibrate_export(model_dir: str, validation_texts: list[str], validation_lab
     doc_windows = [window_probs[bounds[i]:bounds[i + 1]] for i in range(len(clean_documents))
                    if bounds[i + 1] > bounds[i]]
     docs, labels = synthetic_documents(doc_windows, example_probs, np.asarray(validation_labels), seed)
-    owners = np.concatenate([np.full(len(d), i) for i, d in enumerate(docs)])
-    peaks, sizes, _ = windows_lib.document_features(np.concatenate(docs), owners, len(docs))
-    rule = windows_lib.fit_document_rule(peaks, sizes, labels)
+    def features(stacks):  # (peak window tails, window counts) of documents given as window stacks
+        owners = np.concatenate([np.full(len(d), i) for i, d in enumerate(stacks)])
+        return windows_lib.document_features(np.concatenate(stacks), owners, len(stacks))[:2]
+
+    rule = windows_lib.fit_document_rule(*features(docs), labels)
     benign = doc_windows + [example_probs[i:i + 1] for i in np.flatnonzero(np.asarray(validation_labels) == 0)]
-    owners = np.concatenate([np.full(len(d), i) for i, d in enumerate(benign)])
-    peaks, sizes, _ = windows_lib.document_features(np.concatenate(benign), owners, len(benign))
-    rule["thresholds"] = windows_lib.decision_thresholds(windows_lib.rule_tails(rule, peaks, sizes),
+    rule["thresholds"] = windows_lib.decision_thresholds(windows_lib.rule_tails(rule, *features(benign)),
                                                          false_positive_rate)
     rule["false_positive_rate"] = false_positive_rate
     calibration = {"temperature": temperature, "bias": bias, "examples": int(len(validation_labels))}

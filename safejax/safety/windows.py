@@ -7,8 +7,9 @@ Two document rules, both over each window's calibrated P(score >= k), k = 1..5 (
     sigmoid(a_k * logit(max window tail) + c_k * log(windows) + d_k), fitted on validation
     documents (fit_document_rule), so a long clean document needs a higher peak to be flagged
     than a snippet, while one clearly unsafe passage still flags a long one. The tails are made
-    non-increasing in k, the integer score is the highest k with P_doc(score >= k) >= 0.5 (the
-    median score), and the continuous score is the expected score, sum_k P_doc(score >= k).
+    non-increasing in k, the integer score is the number of levels reached in a row, each at its
+    threshold (0.5, the median score, unless the export fitted others), and the continuous score
+    is the expected score, sum_k P_doc(score >= k).
 
 Pure Python and numpy, so that the PyTorch peer benchmark (benchmarks/peers/hf_score.py) runs the very
 same rule without importing JAX.
