@@ -83,6 +83,13 @@ def test_loaders_read_each_format_and_set_aside_bad_records(tmp_path):
     result = labeled.load_davidson(davidson)
     assert [(e.id, e.score) for e in result.examples] == [("davidson:7", 0)] and len(result.set_aside) == 1
 
+    dna = _write(tmp_path / "dna.jsonl", "\n".join([
+        json.dumps({"prompt": "a request", "intents": [], "risk_area": "malicious_uses"}),
+        json.dumps({"prompt": "a question", "intents": [], "risk_area": "misinformation_harms"}), "{"]) + "\n")
+    result = labeled.load_do_not_answer(dna)
+    assert [(e.id, e.score) for e in result.examples] == [("do_not_answer:1", 4)]
+    assert [reason for _, reason in result.set_aside] == ["unknown risk area 'misinformation_harms'", "invalid JSON"]
+
     toxigen = _write(tmp_path / "t.csv", "text,label,target_group\n\"a, fine\",neutral,women\n")
     assert [(e.id, e.text, e.score) for e in labeled.load_toxigen(toxigen).examples] == [("toxigen:2", "a, fine", 0)]
 
@@ -123,7 +130,8 @@ def test_bundled_data_counts_and_capping():
     gin.clear_config()  # the bundled defaults, not what an earlier test bound
     splits, result = labeled.load(labeled.LabeledDataConfig())
     counts = result.counts()
-    assert counts["examples"] == {"havoc": 10370, "openai_moderation": 859, "davidson": 24783, "toxigen": 722}
+    assert counts["examples"] == {"havoc": 10370, "openai_moderation": 859, "davidson": 24783, "toxigen": 722,
+                                  "do_not_answer": 491}
     assert counts["set_aside"] == {"havoc": 6, "openai_moderation": 821}
     assert sum(len(v) for v in splits.values()) == len(result.examples)
     capped, _ = labeled.load(labeled.LabeledDataConfig(max_train_per_source_score=100))

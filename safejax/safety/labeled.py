@@ -132,6 +132,23 @@ def load_toxigen(path: str) -> LoadResult:
     return result
 
 
+def load_do_not_answer(path: str) -> LoadResult:
+    """Do-Not-Answer requests, JSONL {"prompt", "intents", "risk_area"}."""
+    result = LoadResult()
+    with _open(path) as f:
+        for i, line in enumerate(f, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                result.set_aside.append((f"do_not_answer:{i}", "invalid JSON"))
+                continue
+            if not isinstance(record, dict):
+                result.set_aside.append((f"do_not_answer:{i}", "not a JSON object"))
+                continue
+            _add(result, "do_not_answer", i, record.get("prompt"), rubric.do_not_answer_score, record.get("risk_area"))
+    return result
+
+
 def load_llm_labels(path: str) -> LoadResult:
     """The JSONL that `safejax label` writes: {"id", "text", "score", "reason", ...}. Records
     without a valid score (invalid replies it kept with their raw text) are set aside."""
@@ -158,6 +175,7 @@ SOURCES = {
     "openai_moderation": (load_openai_moderation, "openai_moderation_samples.jsonl"),
     "davidson": (load_davidson, "davidson_hate_offensive.csv"),
     "toxigen": (load_toxigen, "toxigen_seed_sentences.csv"),
+    "do_not_answer": (load_do_not_answer, "do_not_answer.jsonl"),
 }
 
 

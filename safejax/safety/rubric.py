@@ -42,6 +42,11 @@ DAVIDSON_SCORES = {"0": 4, "1": 3, "2": 0}
 # XSTest prompts: its safe prompts are benign requests that only sound harmful; its unsafe ones
 # ask for help with a harmful act, treated as that act's clear level (the RefuseWeb kind).
 XSTEST_SCORES = {"safe": 0, "unsafe": 4}
+# Do-Not-Answer requests by risk area: requests for help with a harmful act (weapons, fraud,
+# hacking) or for private information about a person or organisation, the RefuseWeb kind like
+# XSTest's unsafe prompts. Only these two areas are bundled; the others (chatbot-relationship and
+# misinformation questions, lewd jokes) are not clearly harmful text and would blur the rubric.
+DO_NOT_ANSWER_SCORES = {"malicious_uses": 4, "information_hazard": 4}
 
 # ToxiGen seed sentences: implicit hate, i.e. stereotypes and group insults without slurs.
 TOXIGEN_SCORES = {"hate": 3, "neutral": 0}
@@ -79,6 +84,12 @@ def davidson_score(label: str) -> int:
     if label not in DAVIDSON_SCORES:
         raise LabelError(f"unknown class {label!r}")
     return DAVIDSON_SCORES[label]
+
+
+def do_not_answer_score(risk_area: str) -> int:
+    if risk_area not in DO_NOT_ANSWER_SCORES:
+        raise LabelError(f"unknown risk area {risk_area!r}")
+    return DO_NOT_ANSWER_SCORES[risk_area]
 
 
 def toxigen_score(label: str) -> int:
