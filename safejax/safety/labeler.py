@@ -34,12 +34,9 @@ restart. A directory labeled with another model, prompt or settings is refused.
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
 import dataclasses
-import gzip
 import hashlib
 import json
-import logging
 import os
 import re
 import time
@@ -47,9 +44,10 @@ import time
 import gin
 import tqdm
 
-from safejax import config, errors
+from safejax import errors
 from safejax.data import sources
 from safejax.data.quarantine import QUARANTINE
+from safejax.safety import resumable
 from safejax.safety.rubric import NUM_SCORES
 from safejax.safety.openai_client import ChatClient, ChatEndpoint, EndpointError, RequestFailed
 
@@ -106,7 +104,7 @@ class Prompt:
 
     @classmethod
     def from_config(cls, cfg: LabelConfig) -> Prompt:
-        path = _find_prompt(cfg.prompt_file)
+        path = resumable.find_config_file(cfg.prompt_file)
         with open(path, encoding="utf-8") as f:
             system = f.read().strip()
         if not system:
@@ -126,13 +124,6 @@ class Prompt:
     def repair(self, messages: list[dict], reply: str, error: str) -> list[dict]:
         return messages + [{"role": "assistant", "content": reply},
                            {"role": "user", "content": self.repair_message.replace("{error}", error)}]
-
-
-def _find_prompt(path: str) -> str:
-    for candidate in (path, os.path.join(config.CONFIG_DIR, path)):
-        if os.path.isfile(candidate):
-            return candidate
-    raise errors.UserError(f"prompt file not found: {path}")
 
 
 class InvalidReply(ValueError):
@@ -203,62 +194,19 @@ def cache_key(prompt_sha: str, model: str, text: str) -> str:
 
 # --- the output directory ---------------------------------------------------------------------
 
-def _read_jsonl(path: str) -> list[dict]:
-    """Records of a file this module appends to; a torn last line (a killed run) is cut off."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        logging.warning("cutting a partly written last line off %s (an interrupted run)", path)
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    records = []
-    for line_no, line in enumerate(data[:end].splitlines(), start=1):
-        try:
-            records.append(json.loads(line))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise errors.UserError(f"{path} line {line_no} is damaged ({e}); "
-                                   "move the file away to start over") from None
-    return records
-
-
-class LabelStore:
+class LabelStore(resumable.OutputDir):
     """The output directory: the cache of finished labels, and files appended one flushed line a record."""
 
     def __init__(self, directory: str, manifest: dict, retry_invalid: bool):
-        self.directory = directory
-        sources.claim_output_dir(directory, manifest, "labels", keys=MANIFEST_KEYS)
+        super().__init__(directory, manifest, "labels", keys=MANIFEST_KEYS,
+                         files={"labels.jsonl": "a", "invalid.jsonl": "a", "failed.jsonl": "w"})
         self.labels: dict[str, tuple[int, str]] = {}
         self.done: set[tuple[str, str]] = set()  # (id, key) already in labels.jsonl
-        for record in _read_jsonl(self.path("labels.jsonl")):
+        for record in self.cached["labels.jsonl"]:
             self.labels[record["key"]] = (record["score"], record["reason"])
             self.done.add((record["id"], record["key"]))
-        invalid = _read_jsonl(self.path("invalid.jsonl"))
-        self.invalid_keys = set() if retry_invalid else {r["key"] for r in invalid}
-        self._files = {name: open(self.path(name), mode, encoding="utf-8") for name, mode in
-                       (("labels.jsonl", "a"), ("invalid.jsonl", "a"), ("failed.jsonl", "w"))}
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.directory, name)
-
-    def append(self, name: str, record: dict) -> None:
-        f = self._files[name]
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-
-    def close(self) -> None:
-        for f in self._files.values():
-            os.fsync(f.fileno())
-            f.close()
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+        self.invalid_keys = set() if retry_invalid else {r["key"] for r in self.cached["invalid.jsonl"]}
+        self.cached.clear()
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -272,11 +220,10 @@ class _Labeling:
         self.model, self.prompt_sha = client.endpoint.model, prompt.sha
         self.counts: collections.Counter = collections.Counter()
         self.scores: collections.Counter = collections.Counter()
-        self.waiting: dict[str, list[dict]] = {}  # key -> records waiting for that text's request
-        self.futures: dict[cf.Future, str] = {}
+        self.requests = resumable.RequestPool(cfg.concurrency, "label")
         self.failures_in_a_row = 0
 
-    def add(self, record: dict, pool: cf.Executor) -> int:
+    def add(self, record: dict) -> int:
         """Sends the record's text unless its label is known; returns how many records are settled."""
         text = record["text"]
         key = cache_key(self.prompt_sha, self.model, text)
@@ -287,26 +234,18 @@ class _Labeling:
         if key in self.store.invalid_keys:
             self.counts["skipped_invalid"] += 1
             return 1
-        if key in self.waiting:  # the same text is in flight: share its answer
-            self.waiting[key].append(record)
-            return 0
-        self.waiting[key] = [record]
         if self.cfg.max_text_chars:
             text = text[:self.cfg.max_text_chars]
-        self.futures[pool.submit(label_text, self.client, self.prompt, text)] = key
+        # The same text in flight shares its answer.
+        self.requests.submit(key, record, label_text, self.client, self.prompt, text)
         return 0
 
     def collect(self, everything: bool = False) -> int:
         """Waits for one request (or all); writes their records; returns how many were settled."""
-        if not self.futures:
-            return 0
-        done, _ = cf.wait(self.futures, return_when=cf.ALL_COMPLETED if everything else cf.FIRST_COMPLETED)
         settled = 0
-        for future in done:
-            key = self.futures.pop(future)
-            outcome = future.result()  # an EndpointError stops the run here
+        for key, records, outcome in self.requests.collect(everything):  # an EndpointError stops the run here
             self._check_failures(outcome)
-            for record in self.waiting.pop(key):
+            for record in records:
                 self._settle(record, key, outcome)
                 settled += 1
         return settled
@@ -347,18 +286,6 @@ class _Labeling:
             "model": self.model, "prompt_sha": self.prompt_sha, "key": key})
 
 
-def _count_lines(files: list[str]) -> int:
-    """Non-blank lines (the progress bar's total); reading every file first also finds a damaged one."""
-    count = 0
-    for path in files:
-        try:
-            with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
-                count += sum(1 for line in f if line.strip())
-        except (OSError, EOFError) as e:
-            raise errors.UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-    return count
-
-
 def label_files(inputs: list[str], output_dir: str, client: ChatClient, cfg: LabelConfig,
                 prompt: Prompt | None = None) -> dict:
     """Labels every text of the JSONL files `inputs` into `output_dir`; returns the run's counts."""
@@ -374,16 +301,15 @@ def label_files(inputs: list[str], output_dir: str, client: ChatClient, cfg: Lab
         os.remove(quarantine_path)  # the input is read again in full, so are its bad lines
     QUARANTINE.reset()
     QUARANTINE.write_to(quarantine_path)
-    pool = cf.ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="label")
-    bar = tqdm.tqdm(total=_count_lines(files), unit="doc", desc="label", disable=not cfg.progress_bar)
+    bar = tqdm.tqdm(total=resumable.count_lines(files), unit="doc", desc="label", disable=not cfg.progress_bar)
     inputs_read = bad_seen = 0
     try:
         for record in sources.iter_records(files):
             record = {"id": str(record["id"]), "text": record["text"]}
             inputs_read += 1
-            bar.update(labeling.add(record, pool) + QUARANTINE.total() - bad_seen)
+            bar.update(labeling.add(record) + QUARANTINE.total() - bad_seen)
             bad_seen = QUARANTINE.total()
-            while len(labeling.futures) >= 2 * cfg.concurrency:  # keeps the pool fed, memory bounded
+            while labeling.requests.full():  # keeps the pool fed, memory bounded
                 bar.update(labeling.collect())
             bar.set_postfix(labeling.progress(), refresh=False)
         bar.update(labeling.collect(everything=True) + QUARANTINE.total() - bad_seen)
@@ -392,7 +318,7 @@ def label_files(inputs: list[str], output_dir: str, client: ChatClient, cfg: Lab
         client.stop()  # in-flight requests end without further retries; finished labels are saved
         raise
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        labeling.requests.close()
         bar.close()
         store.close()
         QUARANTINE.write_to(None)
@@ -404,7 +330,7 @@ def label_files(inputs: list[str], output_dir: str, client: ChatClient, cfg: Lab
         "scores": {str(s): labeling.scores[s] for s in range(NUM_SCORES)}, "seconds": round(time.time() - start, 3),
         "output": os.path.abspath(output_dir),
     }
-    _write_json(store.path("summary.json"), summary)
+    resumable.write_json(store.path("summary.json"), summary)
     return summary
 
 

@@ -1,7 +1,7 @@
 """A client for OpenAI-compatible chat endpoints (POST {base_url}/chat/completions), standard library only.
 
-One POST with retries is all the labeler needs, so no SDK: the same code talks to OpenAI, vLLM,
-SGLang or llama.cpp servers. HTTP(S) proxies come from the usual environment variables.
+One POST with retries is all the labeler and the synthesis step need, so no SDK: the same code
+talks to OpenAI, vLLM, SGLang or llama.cpp servers. HTTP(S) proxies come from the usual environment variables.
 
 What is retried, with exponential backoff and jitter: 429 (waiting what Retry-After asks when
 the server sends it), 408, 409, 5xx, timeouts and dropped connections. What stops the whole run at
@@ -70,6 +70,14 @@ class ChatEndpoint:
         return self.base_url.rstrip("/") + "/chat/completions"
 
 
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    content: str
+    finish_reason: str = ""  # "stop", or "length" for a reply cut by max_tokens; "" when not sent
+    prompt_tokens: int = 0  # the server's `usage`, 0 when it sends none
+    completion_tokens: int = 0
+
+
 class EndpointError(errors.UserError):
     """The endpoint cannot serve any request (bad key, unknown model, host down): stop the run."""
 
@@ -119,6 +127,10 @@ class ChatClient:
 
     def complete(self, messages: list[dict]) -> str:
         """The assistant's reply to `messages` ("" when the server sends no content)."""
+        return self.chat(messages).content
+
+    def chat(self, messages: list[dict]) -> Reply:
+        """The reply to `messages` with why it ended and the tokens it took."""
         ep = self.endpoint
         body = {"model": ep.model, "messages": messages, "temperature": ep.temperature,
                 "max_tokens": ep.max_tokens}
@@ -149,7 +161,7 @@ class ChatClient:
         with self._lock:  # "equal jitter": at least half the ceiling, so retries always back off
             return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
 
-    def _post(self, payload: bytes) -> str:
+    def _post(self, payload: bytes) -> Reply:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -189,10 +201,15 @@ class ChatClient:
         return RequestFailed(message)
 
 
-def _reply_content(raw: bytes) -> str:
+def _reply_content(raw: bytes) -> Reply:
     try:
         reply = json.loads(raw)
-        content = reply["choices"][0]["message"].get("content")
+        choice = reply["choices"][0]
+        content = choice["message"].get("content")
+        usage = reply.get("usage") or {}
+        tokens = [usage.get(name) for name in ("prompt_tokens", "completion_tokens")]
+        finish = choice.get("finish_reason")
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
         raise RequestFailed(f"the endpoint's reply is not a chat completion: {raw[:ERROR_BODY_CHARS]!r}") from None
-    return content if isinstance(content, str) else ""
+    return Reply(content if isinstance(content, str) else "", finish if isinstance(finish, str) else "",
+                 *(t if isinstance(t, int) and not isinstance(t, bool) else 0 for t in tokens))
