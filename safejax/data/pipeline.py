@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from safejax import errors
 from safejax import vocab as vocab_lib
+from safejax.data import chat
 
 
 # The batch features the pipeline emits: seqio decoder feature -> the name objectives read
@@ -67,8 +68,11 @@ def _dataset(cfg: DataConfig, split: str, *, train: bool) -> tf.data.Dataset:
             raise errors.UserError("DataConfig.use_cached needs DataConfig.cache_dirs (see `safejax data cache`)")
         seqio.utils.set_global_cache_dirs(list(cfg.cache_dirs))
     shard = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+    lengths, converter = {"targets": cfg.seq_len}, seqio.DecoderFeatureConverter(pack=cfg.pack)
+    if chat.is_chat(cfg.task):  # conversations: the loss weights are their loss_mask
+        lengths, converter = {**lengths, "loss_mask": cfg.seq_len}, chat.ChatFeatureConverter(pack=cfg.pack)
     ds = seqio.get_dataset(
-        cfg.task, {"targets": cfg.seq_len}, seqio.DecoderFeatureConverter(pack=cfg.pack),
+        cfg.task, lengths, converter,
         dataset_split=split, shuffle=True, num_epochs=None if train else 1, shard_info=shard,
         seed=cfg.seed, batch_size=_local_batch_size(cfg), use_cached=cfg.use_cached, verbose=False)
     options = tf.data.Options()

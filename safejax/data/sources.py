@@ -24,6 +24,7 @@ import seqio
 import tensorflow as tf
 
 from safejax import errors
+from safejax.data import conversations
 from safejax.data.quarantine import QUARANTINE, raw_text
 from safejax.safety.rubric import NUM_SCORES
 
@@ -74,14 +75,12 @@ def check_readable(path: str) -> None:
 
 # --- validation, shared by the tf.data readers and the plain Python iterator -----------------
 
-def _dialogue_problem(record: dict) -> str | None:
-    turns = record.get("turns")
-    if not isinstance(turns, list) or not turns:
-        return "missing_turns"
-    for turn in turns:
-        if not (isinstance(turn, dict) and turn.get("role") in ("user", "assistant")
-                and isinstance(turn.get("text"), str) and turn["text"].strip()):
-            return "bad_turn"
+def _dialogue_problem(record: dict) -> tuple[str, str] | None:
+    """Reads the record's conversation (any format of data/conversations.py) into its `turns`."""
+    try:
+        record["turns"] = conversations.to_turns(record)
+    except conversations.NotAConversation as e:
+        return e.reason, e.detail
     return None
 
 
@@ -98,14 +97,19 @@ def is_score(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < NUM_SCORES
 
 
-def validate(record, kind: str, scored: bool = False) -> str | None:
-    """Why a parsed record cannot be used, or None when it can. `scored`: it must carry its
-    `score` (records of the score folders, data/split.py)."""
+def validate(record, kind: str, scored: bool = False) -> tuple[str, str] | None:
+    """(reason, detail) why a parsed record cannot be used, or None when it can. A dialogue
+    record's turns are read into `turns` on the way. `scored`: it must carry its `score` (records
+    of the score folders, data/split.py)."""
     if not isinstance(record, dict):
-        return "not_an_object"
-    problem = _dialogue_problem(record) if kind == "dialogue" else _text_problem(record)
+        return "not_an_object", ""
+    if kind == "dialogue":
+        problem = _dialogue_problem(record)
+    else:
+        problem = _text_problem(record)
+        problem = problem and (problem, "")
     if problem is None and scored and not is_score(record.get("score")):
-        return "bad_score"
+        return "bad_score", ""
     return problem
 
 
@@ -115,13 +119,13 @@ def parse_json_line(raw: bytes, path: str, line: int, kind: str = "text",
     try:
         record = json.loads(raw.decode("utf-8"))
         problem = validate(record, kind, scored)
-        detail = ""
     except UnicodeDecodeError as e:
-        problem, detail = "invalid_utf8", f"byte {e.start}"
+        problem = "invalid_utf8", f"byte {e.start}"
     except json.JSONDecodeError as e:
-        problem, detail = "bad_json", f"{e.msg} at column {e.colno}"
+        problem = "bad_json", f"{e.msg} at column {e.colno}"
     if problem:
-        QUARANTINE.add(problem, (path, line), file=path, line=line, detail=detail, raw=raw_text(raw))
+        reason, detail = problem
+        QUARANTINE.add(reason, (path, line), file=path, line=line, detail=detail, raw=raw_text(raw))
         return None
     if record.get("id") in (None, ""):
         record["id"] = f"{os.path.basename(path)}:{line}"
@@ -302,7 +306,7 @@ def parse_tfrecord_example(raw: bytes, path: str, index: int, text_feature: str,
         record["text"] = record.pop(text_feature, None)
         if id_feature in record:
             record["id"] = str(record.pop(id_feature))
-        problem, detail = validate(record, "text"), ""
+        problem, detail = validate(record, "text") or (None, "")
     except UnicodeDecodeError as e:
         problem, detail = "invalid_utf8", f"byte {e.start}"
     except Exception as e:  # noqa: BLE001 (protobuf raises its own DecodeError)
@@ -391,7 +395,7 @@ class TfdsTextSource(_HashSplitMixin, seqio.DataSource):
         def parse(text, doc_id):
             try:
                 decoded = text.decode("utf-8")
-                problem, detail = validate({"text": decoded}, "text"), ""
+                problem, detail = validate({"text": decoded}, "text") or (None, "")
             except UnicodeDecodeError as e:
                 problem, detail = "invalid_utf8", f"byte {e.start}"
             if problem:

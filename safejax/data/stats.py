@@ -79,7 +79,8 @@ def task_stats(task: seqio.Task, split: str = "train", seed: int = 42, limit: in
 
 def mixture_shares(mixture: seqio.Mixture, samples: int, seed: int) -> dict[str, float]:
     """Shares of each kind in the first `samples` chunks of the mixture's training stream."""
-    ds = mixture.get_dataset({"targets": 128}, split="train", shuffle=True, seed=seed,
+    lengths = {name: 128 for name in mixture.output_features}  # chat mixtures have a loss_mask too
+    ds = mixture.get_dataset(lengths, split="train", shuffle=True, seed=seed,
                              num_epochs=None, passthrough_features=["kind"])
     counts = collections.Counter(x["kind"].decode() for x in ds.take(samples).as_numpy_iterator())
     return {kind: counts[kind] / samples for kind in sorted(counts)}

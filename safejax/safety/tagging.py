@@ -48,16 +48,23 @@ def word_starts(tokens: tf.Tensor, classes: dict[str, tf.Tensor]) -> tf.Tensor:
 
 
 def insert_tags(tokens: tf.Tensor, seed: tf.Tensor, rate: float, tag_id: int,
-                classes: dict[str, tf.Tensor]) -> tf.Tensor:
+                classes: dict[str, tf.Tensor], mask: tf.Tensor | None = None):
     """Inserts `tag_id` before each word start (after the first word) with probability `rate`.
 
-    `seed` is a shape-[2] integer tensor: the same seed and tokens give the same tags.
+    `seed` is a shape-[2] integer tensor: the same seed and tokens give the same tags. With a
+    0/1 `mask` beside the tokens (chat finetuning's loss mask), tags go only where it is 1, and
+    the mask comes back too, grown alongside (a tag takes the mask of the word it precedes).
     """
     draw = tf.random.stateless_uniform(tf.shape(tokens), seed=seed) < rate
     insert = word_starts(tokens, classes) & draw
+    if mask is not None:
+        insert &= mask > 0
     tags = tf.where(insert, tf.cast(tag_id, tokens.dtype), tf.constant(-1, tokens.dtype))
     pairs = tf.reshape(tf.stack([tags, tokens], axis=1), [-1])
-    return tf.boolean_mask(pairs, pairs >= 0)
+    keep = pairs >= 0
+    if mask is None:
+        return tf.boolean_mask(pairs, keep)
+    return tf.boolean_mask(pairs, keep), tf.boolean_mask(tf.repeat(mask, 2), keep)
 
 
 def document_seed(doc_id: tf.Tensor, seed: int) -> tf.Tensor:
@@ -67,12 +74,14 @@ def document_seed(doc_id: tf.Tensor, seed: int) -> tf.Tensor:
 
 
 def tag_preprocessor(rate: float = 0.05, score_range: tuple[int, int] | None = None,
-                     seed: int = 0, feature: str = "targets"):
+                     seed: int = 0, feature: str = "targets", mask_feature: str | None = None):
     """A seqio preprocessor that tags tokenized documents, seeded by document id.
 
     With `score_range` (inclusive), only documents whose `score` feature lies in it are tagged;
     the others (safe, unscored, synthetic) pass through unchanged. Without it, every document is.
-    The `tagged` feature says which documents went through tagging (for the tag-rate statistics).
+    With `mask_feature`, tags go only where that feature is 1 (the assistant's tokens of a chat
+    example), and it grows with the tokens. The `tagged` feature says which documents went
+    through tagging (for the tag-rate statistics).
     """
 
     def preprocess(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
@@ -85,9 +94,17 @@ def tag_preprocessor(rate: float = 0.05, score_range: tuple[int, int] | None = N
             eligible = tf.constant(True)
             if score_range is not None:
                 eligible = (example["score"] >= score_range[0]) & (example["score"] <= score_range[1])
-            tagged = tf.cond(eligible, lambda: insert_tags(
-                tokens, document_seed(example["id"], seed), rate, tag_id, classes), lambda: tokens)
-            return {**example, feature: tagged, "tagged": tf.cast(eligible, tf.int32)}
+            seed_of = document_seed(example["id"], seed)
+            out = {**example, "tagged": tf.cast(eligible, tf.int32)}
+            if mask_feature is None:
+                out[feature] = tf.cond(eligible, lambda: insert_tags(tokens, seed_of, rate, tag_id, classes),
+                                       lambda: tokens)
+            else:
+                mask = example[mask_feature]
+                out[feature], out[mask_feature] = tf.cond(
+                    eligible, lambda: insert_tags(tokens, seed_of, rate, tag_id, classes, mask),
+                    lambda: (tokens, mask))
+            return out
 
         return dataset.map(tag, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
