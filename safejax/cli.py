@@ -46,6 +46,25 @@ def cmd_train(args, bindings) -> int:
     return 0
 
 
+def cmd_finetune(args, bindings) -> int:
+    from safejax import parallel
+    from safejax.train import finetune, pretrain
+
+    parallel.initialize_distributed()
+    if not args.gin_file:
+        raise errors.UserError("finetune needs at least one --gin_file (e.g. finetune/gsm8k.gin)")
+    finetune.parse(args.source, args.step, args.gin_file, bindings)
+    summary = pretrain.train(args.workdir)
+    if summary["status"] == "completed":
+        from safejax.evals import gsm8k
+
+        accuracy = gsm8k.gsm8k_accuracy(args.workdir)  # when the config asks for it (finetune/gsm8k.gin)
+        if accuracy is not None:
+            summary["gsm8k"] = accuracy
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_vocab(args, bindings) -> int:
     from safejax import vocab
     from safejax.data import sources
@@ -248,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.gin go here")
     train.set_defaults(run=cmd_train)
 
+    tune = sub.add_parser("finetune", help="finetune a trained LM from its parameters (instruction tuning, "
+                                           "benign finetuning on GSM8K) with a fresh optimizer and schedule")
+    _add_gin_args(tune)
+    tune.add_argument("--from", dest="source", required=True, help="the `safejax train` workdir to start from")
+    tune.add_argument("--step", type=int, help="its checkpoint step (default: the latest)")
+    tune.add_argument("--workdir", required=True, help="this run's checkpoints, metrics.jsonl, config.gin")
+    tune.set_defaults(run=cmd_finetune)
+
     voc = sub.add_parser("vocab", help="train a SentencePiece vocabulary with the reserved tokens "
                                         "(harm tag, role markers), or add them to an existing one")
     voc.add_argument("--input", nargs="+", help="JSONL(.gz) files or globs (default: the bundled corpus)")
@@ -380,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 # Subcommands whose compiled steps allocate temporaries large enough for huge pages to pay
 # (safejax/host_memory.py; measured in benchmarks/PEERS.md). The input pipeline alone ran a few
 # percent slower with them, so the data jobs keep the default pages.
-HUGE_PAGE_COMMANDS = (("train",), ("bench", "train"))
+HUGE_PAGE_COMMANDS = (("train",), ("finetune",), ("bench", "train"))
 
 
 def is_huge_page_command(argv: list[str]) -> bool:

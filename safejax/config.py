@@ -19,8 +19,9 @@ def register_configurables() -> None:
     """Imports every module that defines gin configurables, so bindings can name them."""
     from safejax import parallel  # noqa: F401
     from safejax.data import pipeline, tasks  # noqa: F401
+    from safejax.evals import gsm8k  # noqa: F401
     from safejax.models import decoder  # noqa: F401
-    from safejax.train import optim, trainer  # noqa: F401
+    from safejax.train import finetune, optim, trainer  # noqa: F401
 
 
 def _find(path: str) -> str:

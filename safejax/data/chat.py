@@ -68,19 +68,22 @@ def _as_packable_mask(loss_on: str):
 
 
 @gin.configurable
-def chat_task(name: str = gin.REQUIRED, files: Sequence[str] = gin.REQUIRED,
+def chat_task(name: str = gin.REQUIRED, files: Sequence[str] | None = gin.REQUIRED,
               vocab_path: str = vocab_lib.BUNDLED_VOCAB, loss_on: str = "assistant",
               role_names: tuple[str, str] = ("User", "Assistant"), tagged: bool = False,
               scores: Sequence[str] | None = None, tag_rate: float = 0.05,
               tag_scores: tuple[int, int] = (1, 5), tag_seed: int = 0,
-              validation_permille: int = 20, shuffle_buffer_size: int = 1024) -> str:
-    """Registers (or re-registers) a chat Task over JSONL conversations; returns its name.
+              validation_permille: int = 20, shuffle_buffer_size: int = 1024) -> str | None:
+    """Registers (or re-registers) a chat Task over JSONL conversations; returns its name, or
+    None when `files` is None (a part of a mixture the config leaves out, e.g. no refusals yet).
 
     `tagged`: harm tags in the assistant tokens of conversations scored within `tag_scores`,
     the score read from each record's `score` field, or from `scores` (score shards, by id).
     """
     if loss_on not in LOSS_ON:
         raise errors.UserError(f"chat_task.loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+    if files is None:
+        return None
     if not files:
         raise errors.UserError(f"chat_task {name!r}: no files")
     vocabulary = vocab_lib.load_vocabulary(vocab_path)
@@ -108,19 +111,22 @@ def chat_task(name: str = gin.REQUIRED, files: Sequence[str] = gin.REQUIRED,
 
 
 @gin.configurable
-def chat_mixture(name: str = gin.REQUIRED, tasks: Sequence[str] = gin.REQUIRED,
+def chat_mixture(name: str = gin.REQUIRED, tasks: Sequence[str | None] = gin.REQUIRED,
                  rates: Sequence[float] | None = None, tagged: str | None = None,
                  tagged_share: float = 0.1) -> str:
-    """Registers a Mixture of chat Tasks (rates default to equal); with `tagged`, that Task
-    makes up `tagged_share` of the examples drawn. Returns its name."""
+    """Registers a Mixture of chat Tasks (rates default to equal; a task that is None, left out
+    by its config, is dropped with its rate); with `tagged`, that Task makes up `tagged_share`
+    of the examples drawn. Returns its name."""
     rates = list(rates) if rates is not None else [1.0] * len(tasks)
-    if len(rates) != len(tasks) or not tasks or min(rates) <= 0:
+    if len(rates) != len(tasks) or min(rates, default=0) <= 0:
         raise errors.UserError(f"chat_mixture {name!r}: one positive rate per task, got {rates} for {list(tasks)}")
-    pairs = list(zip(tasks, rates))
+    pairs = [(task, rate) for task, rate in zip(tasks, rates) if task is not None]
+    if not pairs:
+        raise errors.UserError(f"chat_mixture {name!r}: every task is left out (their files are None)")
     if tagged:
         if not 0.0 < tagged_share < 1.0:
             raise errors.UserError(f"chat_mixture.tagged_share must be in (0, 1), got {tagged_share}")
-        pairs.append((tagged, tagged_share / (1.0 - tagged_share) * sum(rates)))
+        pairs.append((tagged, tagged_share / (1.0 - tagged_share) * sum(rate for _, rate in pairs)))
     if name in seqio.MixtureRegistry.names():
         seqio.MixtureRegistry.remove(name)
     seqio.MixtureRegistry.add(name, pairs)

@@ -30,9 +30,9 @@ class NotAConversation(ValueError):
         self.reason, self.detail = reason, detail
 
 
-def _text(value) -> str:
+def _text(value, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise NotAConversation("bad_turn", "a turn without text")
+        raise NotAConversation("bad_turn", f"{where} has no text")
     return value
 
 
@@ -40,12 +40,12 @@ def _from_turns(turns) -> list[dict]:
     if not isinstance(turns, list) or not turns:
         raise NotAConversation("missing_turns")
     out = []
-    for turn in turns:
+    for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise NotAConversation("bad_turn", "a turn that is not an object")
+            raise NotAConversation("bad_turn", f"turns[{i}] is not an object")
         if turn.get("role") not in ROLES:
-            raise NotAConversation("unknown_role", f"role {turn.get('role')!r}")
-        out.append({"role": turn["role"], "text": _text(turn.get("text"))})
+            raise NotAConversation("unknown_role", f"turns[{i}] has role {turn.get('role')!r}")
+        out.append({"role": turn["role"], "text": _text(turn.get("text"), f"turns[{i}]")})
     return out
 
 
@@ -53,10 +53,10 @@ def _from_messages(messages) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise NotAConversation("missing_turns")
     turns, system = [], []
-    for message in messages:
+    for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise NotAConversation("bad_turn", "a message that is not an object")
-        role, content = message.get("role"), _text(message.get("content"))
+            raise NotAConversation("bad_turn", f"messages[{i}] is not an object")
+        role, content = message.get("role"), _text(message.get("content"), f"messages[{i}]")
         if role == "system":
             system.append(content)
         elif role in ROLES:
@@ -65,7 +65,7 @@ def _from_messages(messages) -> list[dict]:
                 system = []
             turns.append({"role": role, "text": content})
         else:
-            raise NotAConversation("unknown_role", f"role {role!r}")
+            raise NotAConversation("unknown_role", f"messages[{i}] has role {role!r}")
     if system:
         raise NotAConversation("bad_turn", "a system message with no user turn after it")
     return turns
@@ -77,8 +77,8 @@ def _from_hh(text) -> list[dict]:
     parts = _HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
         raise NotAConversation("bad_turn", "`chosen` does not start with \\n\\nHuman: or \\n\\nAssistant:")
-    return [{"role": _HH_ROLES[speaker], "text": _text(body.strip())}
-            for speaker, body in zip(parts[1::2], parts[2::2])]
+    return [{"role": _HH_ROLES[speaker], "text": _text(body.strip(), f"`chosen` turn {i}")}
+            for i, (speaker, body) in enumerate(zip(parts[1::2], parts[2::2]))]
 
 
 def to_turns(record: dict) -> list[dict]:
@@ -90,6 +90,6 @@ def to_turns(record: dict) -> list[dict]:
     if "chosen" in record:
         return _from_hh(record["chosen"])
     if "question" in record or "answer" in record:
-        return [{"role": "user", "text": _text(record.get("question"))},
-                {"role": "assistant", "text": _text(record.get("answer"))}]
+        return [{"role": "user", "text": _text(record.get("question"), "`question`")},
+                {"role": "assistant", "text": _text(record.get("answer"), "`answer`")}]
     raise NotAConversation("missing_turns", "no turns, messages, chosen or question/answer field")

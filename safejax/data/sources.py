@@ -28,7 +28,9 @@ from safejax.data import conversations
 from safejax.data.quarantine import QUARANTINE, raw_text
 from safejax.safety.rubric import NUM_SCORES
 
-BUNDLED_CORPUS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "corpus")
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+BUNDLED_CORPUS_DIR = os.path.join(ASSETS_DIR, "corpus")
+BUNDLED_PREFIX = "bundled:"  # "bundled:finetune/gsm8k/train.jsonl.gz": a file shipped in safejax/assets
 HASH_BUCKETS = 1000
 RECORD_KINDS = ("text", "dialogue")  # what a record must carry: a text, or dialogue turns
 
@@ -38,10 +40,14 @@ def bundled_corpus_files() -> list[str]:
 
 
 def expand_files(patterns: Sequence[str] | str) -> list[str]:
-    """Expands globs (local or gs://); a pattern that matches nothing is an error naming it."""
+    """Expands globs (local or gs://, or "bundled:PATH" under safejax/assets, so that configs name
+    shipped data wherever the package is installed); a pattern that matches nothing is an error
+    naming it."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     files = []
     for pattern in patterns:
+        if pattern.startswith(BUNDLED_PREFIX):
+            pattern = os.path.join(ASSETS_DIR, pattern[len(BUNDLED_PREFIX):])
         matches = sorted(tf.io.gfile.glob(pattern))
         if not matches:
             raise errors.UserError(f"corpus file not found: {pattern}")

@@ -17,7 +17,7 @@ import gin
 
 from safejax import errors
 from safejax import vocab as vocab_lib
-from safejax.data import dialogue
+from safejax.data import conversations, dialogue
 from safejax.inference import checkpoint
 from safejax.inference import lm as lm_lib
 from safejax.inference.params import SamplingParams
@@ -74,16 +74,16 @@ class Generator:
         """The dialogue template the model was trained on (data/dialogue.py), ending where the
         assistant speaks next: <|user|> User: text <|end_of_turn|> ... <|assistant|> Assistant:
 
-        System messages are sent as a user turn before the first one (the markers have no system role).
+        Messages are read as finetuning reads them (data/conversations.py: a system message goes
+        before the next user turn's text).
         """
         if "<|user|>" not in self.loaded.reserved:
             raise errors.UserError("chat needs the role markers, but the checkpoint's vocabulary has none")
-        turns = []
-        for i, m in enumerate(messages):
-            role, content = m.get("role"), m.get("content")
-            if role not in ("system", "user", "assistant") or not isinstance(content, str):
-                raise errors.UserError(f"messages[{i}] must have role system|user|assistant and a string content")
-            turns.append({"role": "assistant" if role == "assistant" else "user", "text": content})
+        try:
+            turns = conversations.to_turns({"messages": list(messages)})
+        except conversations.NotAConversation as e:
+            raise errors.UserError(f"messages: {e.detail or e.reason} (each needs a role system|user|assistant "
+                                   "and a non-empty string content)") from None
         return dialogue.encode_dialogue(self.vocabulary, turns, generation_prompt=True)
 
     def check(self, request: Request) -> Request:

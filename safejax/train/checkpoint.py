@@ -3,8 +3,9 @@
 The record (CheckpointRecord) is the checkpoint's contract with every reader: the step and the
 data-iterator position (resume), the objective and the shape fingerprint (a resume or a reader
 refuses another model before touching any array), the model's whole config, the training
-sequence length and the vocabulary (file, content hash, reserved ids). Readers (resume,
-inference, export, eval) open a workdir through `Checkpointer` and `read_record`, nothing else.
+sequence length, the vocabulary (file, content hash, reserved ids) and, for a finetune, the run
+it started from. Readers (resume, inference, export, eval) open a workdir through `Checkpointer`
+and `read_record`, nothing else.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class CheckpointRecord:
     model_config: dict | None  # every field of the model's config (nested configs as dicts)
     seq_len: int | None        # the training sequence length
     vocabulary: dict | None    # vocab.describe(): path, sha256, pieces, reserved_ids (LM only)
+    init_from: dict | None = None  # a finetune's source run {"workdir", "step"}; None: from scratch
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -45,7 +47,7 @@ class CheckpointRecord:
         return cls(step=int(meta["step"]), data_position=int(meta["data_position"]),
                    objective=meta.get("objective", fingerprint.get("objective", "")), fingerprint=fingerprint,
                    model_config=meta.get("model_config"), seq_len=meta.get("seq_len"),
-                   vocabulary=meta.get("vocabulary"))
+                   vocabulary=meta.get("vocabulary"), init_from=meta.get("init_from"))
 
 
 class Checkpointer:

@@ -18,7 +18,8 @@ from safejax import vocab as vocab_lib
 from safejax.data import pipeline
 from safejax.data.quarantine import QUARANTINE
 from safejax.models.decoder import DecoderConfig
-from safejax.train import optim
+from safejax.train import finetune, optim
+from safejax.train.checkpoint import Checkpointer
 from safejax.train.lm import LanguageModelObjective
 from safejax.train.trainer import TrainConfig, Trainer, fit
 
@@ -45,8 +46,19 @@ def build_trainer(devices=None) -> tuple[Trainer, pipeline.DataConfig, object]:
 
 
 def train(workdir: str) -> dict:
-    """Trains to TrainConfig.steps in WORKDIR (resuming if it holds a checkpoint); returns a summary."""
+    """Trains to TrainConfig.steps in WORKDIR (resuming if it holds a checkpoint); returns a
+    summary. With InitFrom bound (`safejax finetune`), a fresh run starts from that run's params."""
     trainer, data, schedule = build_trainer()
+    init = finetune.InitFrom()
+    initial_params, init_from = None, None
+    if init.workdir:
+        step, record = finetune.source_record(init.workdir, init.step)
+        finetune.check_vocabulary(record, pipeline.vocabulary(data), init.workdir)
+        init_from = init.describe(step)
+
+        def initial_params():
+            with Checkpointer(init.workdir, read_only=True) as source:
+                return source.restore_params(step, trainer.abstract_state["params"])
     if jax.process_index() == 0:
         config.write_effective_config(workdir)
     QUARANTINE.reset()  # the summary counts this run's records only (and those already in its file)
@@ -54,7 +66,7 @@ def train(workdir: str) -> dict:
     logging.info("model %s on mesh %s", json.dumps(trainer.objective.describe()), dict(trainer.mesh.shape))
     summary = fit(trainer, workdir,
                   lambda position: pipeline.in_background(pipeline.train_batches(data, position)),
-                  lambda: pipeline.eval_batches(data), schedule)
+                  lambda: pipeline.eval_batches(data), schedule, initial_params, init_from)
     summary.update(workdir=os.path.abspath(workdir),
                    checkpoints=os.path.join(os.path.abspath(workdir), "checkpoints"),
                    metrics=os.path.join(os.path.abspath(workdir), "metrics.jsonl"),

@@ -245,9 +245,14 @@ class Trainer:
         check_compatible(record.fingerprint, self.objective.fingerprint(), checkpointer.directory)
         return step, record.data_position
 
-    def load_state(self, checkpointer: Checkpointer, step: int | None):
+    def load_state(self, checkpointer: Checkpointer, step: int | None, initial_params: Callable | None = None):
+        """The state of checkpoint `step`, or a fresh one (its params from `initial_params()`,
+        already in this trainer's shardings, when given: a finetune's first start)."""
         if step is None:
-            return self.init_state()
+            state = self.init_state()
+            if initial_params is not None:
+                state["params"] = initial_params()
+            return state
         state, _ = checkpointer.restore(step, self.abstract_state)
         logging.info("resumed from step %d in %s", step, checkpointer.directory)
         return state
@@ -315,21 +320,30 @@ def _scalar(x) -> float:
 
 
 def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[dict]],
-        load_eval_batches: Callable[[], list], schedule: optax.Schedule | None = None) -> dict:
+        load_eval_batches: Callable[[], list], schedule: optax.Schedule | None = None,
+        initial_params: Callable | None = None, init_from: dict | None = None) -> dict:
     """Trains to `cfg.steps`, resuming from WORKDIR's latest checkpoint if there is one.
 
     `batches_from(position)` gives this process's batches from a data position on; it and
     `load_eval_batches` run in threads, so the input pipeline warms up while the steps compile.
     Metrics of a step are read after the next step is dispatched, so the host never stalls the
-    device. Returns a summary: final step, status (completed | preempted), last losses.
+    device. A fresh run takes its params from `initial_params()` when given (a finetune), and
+    every checkpoint record names that source (`init_from`); a resume never calls it, and refuses
+    a source other than the one its checkpoints name. Returns a summary: final step, status
+    (completed | preempted), last losses.
     """
     cfg = trainer.cfg
     checkpointer = Checkpointer(workdir, keep=cfg.keep_checkpoints, asynchronous=cfg.async_checkpoints)
     resume_step, position = trainer.resume_point(checkpointer)
+    if resume_step is not None:
+        recorded = checkpointer.read_record(resume_step).init_from
+        if recorded != init_from:
+            raise errors.UserError(f"{workdir} was started from {recorded or 'scratch'}, not from "
+                                   f"{init_from or 'scratch'}; use another workdir")
     batches = batches_from(position)
     eval_loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eval_batches")
     eval_future = eval_loader.submit(load_eval_batches)
-    state = trainer.load_state(checkpointer, resume_step)
+    state = trainer.load_state(checkpointer, resume_step, initial_params)
     start = int(_scalar(state["step"]))
     trainer.compile(start)
     writer = MetricsWriter(workdir)
@@ -370,7 +384,8 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
 
     def save(step, force=False):
         record = CheckpointRecord(step=step, data_position=step, objective=trainer.objective.name,
-                                  fingerprint=fingerprint, **trainer.objective.checkpoint_fields())
+                                  fingerprint=fingerprint, init_from=init_from,
+                                  **trainer.objective.checkpoint_fields())
         checkpointer.save(step, state, record, force=force)
 
     try:
