@@ -7,6 +7,9 @@ Reserved tokens (the harm tag and the dialogue role markers) are SentencePiece *
 each is one id, and encoding text never produces it. So a document whose raw text contains
 `<potentially unsafe content>` literally gets ordinary pieces for it, never the tag id: web text
 cannot forge a tag. Tags are inserted as ids, after tokenization (safety/tagging).
+
+An imported model's Hugging Face tokenizer.json opens here too (interop/hf_tokenizer.py): the
+functions below take either vocabulary.
 """
 
 from __future__ import annotations
@@ -128,9 +131,11 @@ def _read_model(model_path: str) -> model_pb2.ModelProto:
     return model
 
 
-def reserved_ids(vocabulary: seqio.SentencePieceVocabulary,
+def reserved_ids(vocabulary: seqio.Vocabulary,
                  reserved: Sequence[str] = RESERVED_TOKENS) -> dict[str, int]:
     """Id of each reserved token; a clear error for a vocabulary made without them."""
+    if not isinstance(vocabulary, seqio.SentencePieceVocabulary):
+        return vocabulary.reserved_ids(reserved)  # interop/hf_tokenizer.py
     processor = vocabulary.tokenizer
     ids = {}
     for token in reserved:
@@ -142,14 +147,44 @@ def reserved_ids(vocabulary: seqio.SentencePieceVocabulary,
     return ids
 
 
-def load_vocabulary(model_path: str) -> seqio.SentencePieceVocabulary:
-    """Opens a SentencePiece model as a seqio Vocabulary, with a clear error when it is missing."""
+def load_vocabulary(model_path: str) -> seqio.Vocabulary:
+    """Opens a SentencePiece model, or a Hugging Face tokenizer.json (interop/hf_tokenizer.py), as
+    a seqio Vocabulary, with a clear error when it is missing."""
     if not os.path.isfile(model_path):
         raise errors.UserError(f"vocabulary file not found: {model_path}")
+    if model_path.endswith(".json"):
+        from safejax.interop.hf_tokenizer import TokenizerJsonVocabulary
+
+        return TokenizerJsonVocabulary(model_path)
     return seqio.SentencePieceVocabulary(model_path)
 
 
-def harm_tag_id(vocabulary: seqio.SentencePieceVocabulary) -> int:
+def vocabulary_file(vocabulary: seqio.Vocabulary) -> str:
+    """The file a vocabulary was opened from."""
+    if isinstance(vocabulary, seqio.SentencePieceVocabulary):
+        return vocabulary.sentencepiece_model_file
+    return vocabulary.tokenizer_file
+
+
+def piece_texts(vocabulary: seqio.Vocabulary) -> list[str | None]:
+    """The text each id stands for, None for control and unknown pieces (the tagger's word
+    starts); a byte piece stands for its byte, 'x' for a byte of a multi-byte character."""
+    if not isinstance(vocabulary, seqio.SentencePieceVocabulary):
+        return vocabulary.piece_texts()
+    processor = vocabulary.tokenizer
+    texts: list[str | None] = []
+    for i in range(processor.get_piece_size()):
+        piece = processor.id_to_piece(i)
+        if processor.is_control(i) or processor.is_unknown(i):
+            texts.append(None)
+        elif processor.is_byte(i):  # <0x0A> and friends stand for one byte
+            texts.append(chr(int(piece[3:5], 16)) if int(piece[3:5], 16) < 128 else "x")
+        else:
+            texts.append(piece.replace("\u2581", " "))
+    return texts
+
+
+def harm_tag_id(vocabulary: seqio.Vocabulary) -> int:
     """The harm tag's id; a clear error for a vocabulary made without it."""
     return reserved_ids(vocabulary, (HARM_TAG,))[HARM_TAG]
 
@@ -159,18 +194,19 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def describe(vocabulary: seqio.SentencePieceVocabulary) -> dict:
-    """What a checkpoint records of its vocabulary: the file, its content hash, its size and the
-    reserved ids (empty for a vocabulary made without them)."""
-    path = os.path.abspath(vocabulary.sentencepiece_model_file)
+def describe(vocabulary: seqio.Vocabulary) -> dict:
+    """What a checkpoint records of its vocabulary: the file, its content hash, its size, its
+    end-of-sequence id and the reserved ids (empty for a vocabulary made without them)."""
+    path = os.path.abspath(vocabulary_file(vocabulary))
     try:
         reserved = reserved_ids(vocabulary)
     except errors.UserError:
         reserved = {}
-    return {"path": path, "sha256": _sha256(path), "pieces": vocabulary.vocab_size, "reserved_ids": reserved}
+    return {"path": path, "sha256": _sha256(path), "pieces": vocabulary.vocab_size, "eos_id": vocabulary.eos_id,
+            "reserved_ids": reserved}
 
 
-def load_recorded(record: dict, path: str | None = None) -> seqio.SentencePieceVocabulary:
+def load_recorded(record: dict, path: str | None = None) -> seqio.Vocabulary:
     """The vocabulary a checkpoint recorded (or the file at `path`), refused when its content
     differs from the recorded one: the ids would mean other pieces."""
     path = path or record["path"]
@@ -179,4 +215,7 @@ def load_recorded(record: dict, path: str | None = None) -> seqio.SentencePieceV
     if found != record["sha256"]:
         raise errors.UserError(f"vocabulary {path} (sha256 {found[:12]}) is not the one the checkpoint was "
                                f"trained with ({record['path']}, sha256 {record['sha256'][:12]})")
+    if record.get("eos_id", vocabulary.eos_id) != vocabulary.eos_id:
+        raise errors.UserError(f"vocabulary {path}: its eos id is {vocabulary.eos_id}, the checkpoint was "
+                               f"trained with {record['eos_id']}")
     return vocabulary

@@ -20,17 +20,13 @@ from safejax import vocab as vocab_lib
 _WHITESPACE = "\u2581 \n\t\r"
 
 
-def piece_classes(vocabulary: seqio.SentencePieceVocabulary) -> dict[str, np.ndarray]:
+def piece_classes(vocabulary: seqio.Vocabulary) -> dict[str, np.ndarray]:
     """Per-id flags: has a visible character, begins with whitespace, ends with whitespace."""
-    processor = vocabulary.tokenizer
-    size = processor.get_piece_size()
-    visible, begins, ends = (np.zeros(size, bool) for _ in range(3))
-    for i in range(size):
-        if processor.is_control(i) or processor.is_unknown(i):
+    texts = vocab_lib.piece_texts(vocabulary)
+    visible, begins, ends = (np.zeros(len(texts), bool) for _ in range(3))
+    for i, piece in enumerate(texts):
+        if piece is None:
             continue
-        piece = processor.id_to_piece(i)
-        if processor.is_byte(i):  # <0x0A> and friends stand for one byte
-            piece = chr(int(piece[3:5], 16)) if int(piece[3:5], 16) < 128 else "x"
         visible[i] = any(c not in _WHITESPACE for c in piece)
         begins[i] = piece[:1] in tuple(_WHITESPACE)
         ends[i] = piece[-1:] in tuple(_WHITESPACE)

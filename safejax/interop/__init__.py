@@ -1,0 +1,1 @@
+"""Hugging Face interop: Llama-architecture checkpoints and tokenizers in and out of safejax."""
