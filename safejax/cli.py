@@ -251,6 +251,22 @@ def cmd_serve(args, bindings) -> int:
     os._exit(130 if received[0] == signal.SIGINT else 0)
 
 
+def cmd_export(args, bindings) -> int:
+    from safejax.inference import checkpoint
+    from safejax.interop import hf_export  # registers export.max_shard_bytes before the bindings
+
+    checkpoint.parse_config(args.checkpoint, args.gin_file, bindings)
+    print(json.dumps(hf_export.export(args.checkpoint, args.output, args.step)))
+    return 0
+
+
+def cmd_import(args, bindings) -> int:
+    from safejax.interop import hf_import
+
+    print(json.dumps(hf_import.import_hf(args.hf, args.workdir, add_harm_tag=args.add_harm_tag)))
+    return 0
+
+
 def cmd_bench(args, bindings) -> int:
     from safejax.bench import registry
 
@@ -362,6 +378,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (default 8000, ServerConfig.port; 0 picks a free one)")
     serve.add_argument("--model_name", help="the model id clients see (default: the checkpoint directory's name)")
     serve.set_defaults(run=cmd_serve)
+
+    export = sub.add_parser("export", help="write a checkpoint as a Hugging Face LlamaForCausalLM folder "
+                                           "(config, safetensors, tokenizer, chat template)")
+    _add_gin_args(export)
+    export.add_argument("--checkpoint", required=True, help="a `safejax train` workdir")
+    export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    export.add_argument("--output", required=True, help="the folder to write (new or empty)")
+    export.epilog += " Shards above --gin.export.max_shard_bytes (default 5 GiB)."
+    export.set_defaults(run=cmd_export)
+
+    imp = sub.add_parser("import", help="make a safejax workdir from a local Hugging Face Llama-architecture "
+                                        "folder (config.json, safetensors, tokenizer)")
+    imp.add_argument("--hf", required=True, help="the folder: config.json, model.safetensors (or shards + index), "
+                                                 "tokenizer.json + tokenizer_config.json or tokenizer.model")
+    imp.add_argument("--workdir", required=True, help="the workdir to write (new or empty)")
+    imp.add_argument("--add_harm_tag", action="store_true", help="add the harm tag and role markers the tokenizer "
+                                                                 "lacks as new ids (new rows: the mean of the old)")
+    imp.set_defaults(run=cmd_import)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its figures as JSON lines")
     from safejax.bench.registry import BENCHMARKS
