@@ -39,7 +39,9 @@ setup(
         # installed with --no-deps (it declares torch): see safejax/models/encoder.py.
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # transformers and a CPU torch only prove HF parity in tests (interop/ needs neither at run
+        # time); torch 2.13.0 resolves to the CPU wheel from the machines' local wheel folder.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6"],
     },
     entry_points={"console_scripts": ["safejax=safejax.cli:run"]},
 )
