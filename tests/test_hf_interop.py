@@ -190,13 +190,13 @@ def test_converted_tokenizer_differs_from_sentencepiece_only_on_ties():
 # ---- import ------------------------------------------------------------------------------------
 
 def _byte_level_tokenizer(folder):
-    """A 400-token byte-level BPE trained here, ids 0 and 1 being <pad> and </s>."""
+    """A 400-token byte-level BPE trained here: <pad> 0 (seqio's padding), <s> 1, </s> 2 (its eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     shakespeare = [f for f in sources.bundled_corpus_files() if "shakespeare" in f]
     tok.train_from_iterator(itertools.islice(sources.iter_texts(shakespeare), 200), trainer)
@@ -216,7 +216,7 @@ def hf_folder(tmp_path_factory):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=20000.0,
-                      rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=1, pad_token_id=0,
+                      rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       initializer_range=0.2)
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(folder)
@@ -233,6 +233,7 @@ def test_an_imported_llama_gives_transformers_logits(hf_folder, tmp_path):
     assert cli.main(["import", "--hf", folder, "--workdir", str(tmp_path / "run")]) == 0
     loaded = _load(str(tmp_path / "run"))
     assert isinstance(loaded.vocabulary, TokenizerJsonVocabulary) and loaded.reserved == {}
+    assert loaded.vocabulary.eos_id == 2 == checkpoint.read_record(str(tmp_path / "run")).vocabulary["eos_id"]
     prompts = _prompt_ids(loaded.vocabulary)
     diff = _max_diff(_our_logits(loaded, prompts), _hf_logits(model, prompts, "right"))
     print(f"import parity: max |logit diff| = {diff:.2e}")

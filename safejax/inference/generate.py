@@ -120,7 +120,8 @@ class Generator:
         return results
 
     def _run_group(self, group: list[Request], indices: list[int], on_text) -> list[Completion]:
-        stop_ids = (vocab_lib.EOS_ID, self.loaded.reserved[END_OF_TURN]) if group[0].chat else (vocab_lib.EOS_ID,)
+        eos = self.vocabulary.eos_id  # 1 in our vocabularies; an imported tokenizer names its own
+        stop_ids = (eos, self.loaded.reserved[END_OF_TURN]) if group[0].chat else (eos,)
         prompts, params = [r.prompt for r in group], [r.params for r in group]
         texts = _Texts(self.vocabulary, params, indices, on_text)
         if group[0].params.strategy in ("greedy", "sample"):
