@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["safejax", "safejax.*"]),  # benchmarks/peers (PyTorch) stay in the repo
     package_data={"safejax": ["assets/corpus/*", "assets/vocab/*", "assets/labeled/*", "assets/prompts/*",
-                             "assets/finetune/*.md", "assets/finetune/*/*", "assets/dialogues/*", "configs/*/*.gin", "configs/*/*.md"]},
+                             "assets/finetune/*.md", "assets/finetune/*/*", "assets/dialogues/*", "configs/*/*.gin", "configs/*/*.md",
+                             "configs/*/*.json"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.10.2",

@@ -94,6 +94,34 @@ def cmd_label(args, bindings) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _score_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    try:
+        return int(low), int(high if sep else low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW-HIGH, e.g. 1-3, got {text!r}") from None
+
+
+def cmd_synth(args, bindings) -> int:
+    from safejax import config
+    from safejax.synth import run as synth
+
+    flags = {name: getattr(args, name) for name in synth.FLAG_BINDINGS}
+    config.parse(["synth/default.gin", *args.gin_file], bindings + synth.flag_bindings(flags))
+    if args.beam:
+        from safejax.synth import beam
+
+        settings = synth.settings_from_gin(args.job, args.classifier, args.scores or (), args.score_range)
+        summary = beam.synthesize(settings, args.input, args.output, args.passthrough)
+    else:
+        summary = synth.run(args.job, args.input, args.output, args.classifier, args.scores or (), args.score_range)
+    print(json.dumps(summary))
+    if summary["failed"]:
+        print(f"safejax: {summary['failed']} records failed (see {args.output}/failed.jsonl); "
+              "rerun the same command to retry them", file=sys.stderr)
+    return 1 if summary["failed"] else 0
+
+
 def _classifier_config(gin_files, bindings) -> None:
     from safejax import config
     from safejax.train import classify  # noqa: F401 (registers the classifier's configurables)
@@ -314,6 +342,31 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--max_retries", type=int, help="retries on 429, 5xx and timeouts")
     lab.add_argument("--prompt_file", help="the rubric prompt (default configs/label/rubric.md)")
     lab.set_defaults(run=cmd_label)
+
+    syn = sub.add_parser("synth", help="turn scored documents into safe training data: rephrasings (scores "
+                                       "1-3), RefuseWeb dialogues (4-5), Moral Education articles (resumable)")
+    _add_gin_args(syn)
+    syn.add_argument("job", choices=("rephrase", "refuseweb", "moral"))
+    syn.add_argument("--input", nargs="+", required=True,
+                     help="a `data split` SPLIT_DIR, or JSONL(.gz) files or globs (with --scores, or records "
+                          "carrying their own score); moral: refuseweb output directories or files")
+    syn.add_argument("--output", required=True, help="directory for the records (also the cache), rejected.jsonl, "
+                                                     "invalid.jsonl, failed.jsonl, summary.json")
+    syn.add_argument("--backend", choices=("template", "endpoint"),
+                     help="template: offline deterministic baseline (default); endpoint: an LLM server")
+    syn.add_argument("--scores", nargs="+", help="score shards of `safejax score` for JSONL --input files")
+    syn.add_argument("--score_range", type=_score_range, help="LOW-HIGH (default 1-3 rephrase, 4-5 refuseweb)")
+    syn.add_argument("--classifier", help="safety classifier (classifier-train workdir or export): the quality "
+                                          "gate, and the template backend's sentence filter")
+    syn.add_argument("--base_url", help="endpoint, e.g. http://127.0.0.1:8000/v1")
+    syn.add_argument("--model", help="model name the endpoint serves")
+    syn.add_argument("--api_key_env", help="environment variable holding the API key")
+    syn.add_argument("--concurrency", type=int, help="endpoint requests in flight at once")
+    syn.add_argument("--timeout_s", type=float, help="seconds to wait on the endpoint per attempt")
+    syn.add_argument("--max_retries", type=int, help="retries on 429, 5xx and timeouts")
+    syn.add_argument("--beam", action="store_true", help="run as an Apache Beam pipeline, one input file per "
+                                                         "worker task; its options go after -- (default DirectRunner)")
+    syn.set_defaults(run=cmd_synth)
 
     ctrain = sub.add_parser("classifier-train", help="train the 0-5 safety classifier (encoder + linear "
                                                      "head) and evaluate it; resumable")
