@@ -168,13 +168,14 @@ class _Stats:
         self.after: collections.Counter = collections.Counter()
         self.tokens: collections.Counter = collections.Counter()
 
-    def add(self, status: str, group: str | None, provenance: dict | None = None) -> None:
+    def add(self, status: str, group: str | None, record: dict, scored: bool = True) -> None:
+        """`record`: a provenance (kept, rejected) or an invalid record, both with their tokens."""
         self.groups[group or "none"][status] += 1
-        if provenance is not None:
-            self.before[str(provenance.get("score_before"))] += 1
-            self.after[str(provenance.get("score_after"))] += 1
+        if scored:
+            self.before[str(record.get("score_before"))] += 1
+            self.after[str(record.get("score_after"))] += 1
         for name in ("tokens_in", "tokens_out"):
-            self.tokens[name] += (provenance or {}).get(name, 0)
+            self.tokens[name] += record.get(name, 0)
 
     def summary(self) -> dict:
         totals = collections.Counter()
@@ -203,7 +204,7 @@ class _Run:
                 self.stats.add(status, provenance.get("style") if job.name == "rephrase" else provenance.get("category"),
                                provenance)
         for record in store.cached["invalid.jsonl"]:
-            self.stats.add("invalid", record.get("group"))
+            self.stats.add("invalid", record.get("group"), record, scored=False)
             if not settings.cfg.retry_invalid:
                 self.done.add(record["key"])
         store.cached.clear()
@@ -264,13 +265,13 @@ class _Run:
     def _invalid(self, item: Item, outcome: Outcome) -> None:
         self.counts["invalid"] += 1
         self.done.add(item.key)
-        group = self.group_of(item, outcome)
-        self.stats.add("invalid", group)
         backend = self.producer.backend
-        self.store.append("invalid.jsonl", {
-            "id": self._id(item), "key": item.key, "source_id": item.source_id, "piece": item.piece,
-            "group": group, "error": outcome.error, "raw": outcome.raw, "repair_raw": outcome.repair_raw,
-            "backend": backend.name, "model": backend.model, "prompt_sha": backend.sha})
+        record = {"id": self._id(item), "key": item.key, "source_id": item.source_id, "piece": item.piece,
+                  "group": self.group_of(item, outcome), "error": outcome.error, "raw": outcome.raw,
+                  "repair_raw": outcome.repair_raw, "backend": backend.name, "model": backend.model,
+                  "prompt_sha": backend.sha, "tokens_in": outcome.tokens_in, "tokens_out": outcome.tokens_out}
+        self.stats.add("invalid", record["group"], record, scored=False)
+        self.store.append("invalid.jsonl", record)
 
     def _check_failures(self, outcome: Outcome) -> None:
         self.failures_in_a_row = self.failures_in_a_row + 1 if outcome.failed else 0
@@ -348,7 +349,7 @@ def synthesize(settings: Settings, inputs: Sequence[str], output_dir: str, produ
     produced = sum(run.counts[s] for s in ("kept", "rejected", "invalid"))
     summary = {"job": job.name, "kind": job.kind, "output": os.path.abspath(store.path(job.output)),
                "backend": backend.name, "model": backend.model, "prompt_sha": backend.sha,
-               "inputs": counts.read + QUARANTINE.total(), "bad_input": QUARANTINE.total(),
+               "inputs": counts.read + QUARANTINE.total() - counts.no_score, "bad_input": QUARANTINE.total(),
                "out_of_range": counts.out_of_range, "items": items, "cached": cached,
                "this_run": {s: run.counts[s] for s in ("kept", "rejected", "invalid", "failed")},
                "failed": run.counts["failed"], "requests": producer.requests, "seconds": round(seconds, 3),
