@@ -20,7 +20,8 @@ The output directory (point safety_data.rephrased / .refuseweb / .moral_educatio
 The directory is its own cache: every record is keyed by (prompt sha, backend, model, source
 id, piece) and appended, flushed, as it is settled; a killed run loses no settled record, and a
 rerun sends only the items not in the output, rejected or invalid files (torn last lines are cut
-off). Outputs wait for the classifier in batches of `gate_batch`: a kill loses at most those.
+off). With a classifier, outputs wait to be scored in batches of `gate_batch`: a kill loses at most
+those.
 A directory made with other prompts, another backend, model or gate is refused.
 """
 
@@ -222,7 +223,8 @@ class _Run:
             self._invalid(item, outcome)
             return 1
         self.pending.append((item, outcome))
-        return self.flush() if len(self.pending) >= self.settings.cfg.gate_batch else 0
+        batched = self.producer.gate.scorer is not None  # only the classifier scores in batches
+        return self.flush() if not batched or len(self.pending) >= self.settings.cfg.gate_batch else 0
 
     def flush(self) -> int:
         pending, self.pending = self.pending, []
