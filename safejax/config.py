@@ -5,7 +5,9 @@ Every mistake in a config is turned into a one-line UserError naming the file or
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from collections.abc import Sequence
 
 import gin
@@ -53,6 +55,20 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
             gin.parse_config(binding)
         except (ValueError, KeyError, SyntaxError, TypeError) as e:
             raise errors.UserError(f"in binding '{binding}': {_one_line(e)}") from e
+    _check_macros_are_used(bindings)
+
+
+def _check_macros_are_used(bindings: Sequence[str]) -> None:
+    """A bound macro nothing reads (a misspelt --gin.TRAIN_STEP=5) would be silently ignored by
+    gin: it is an error naming the macros that are read."""
+    text = gin.config_str()
+    used = set(re.findall(r"%([A-Za-z_][A-Za-z0-9_.]*)", text))
+    for binding in bindings:
+        name = binding.split("=", 1)[0].strip()
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and name not in used:
+            close = difflib.get_close_matches(name, sorted(used), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise errors.UserError(f"in binding '{binding}': no configuration reads the macro {name}{hint}")
 
 
 def split_gin_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
