@@ -198,3 +198,17 @@ def test_cli_serve_as_users_run_it(workdir):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=240) == 130  # a loaded 2-core machine may still be compiling
+
+
+def test_a_continuation_keeps_its_leading_space(generator):
+    """prompt + text reads as the model wrote it: the text of a continuation whose first piece
+    starts a word begins with its space."""
+    prompts = ["The river and the", "Once upon a time there", "A quiet morning in the market"]
+    requests = [Request(generator.encode(p), generator.params(strategy="sample", seed=s, max_new_tokens=6))
+                for p in prompts for s in range(4)]
+    completions = generator.run(requests)
+    word_starts = 0
+    for request, c in zip(requests, completions):
+        assert generator.vocabulary.decode(request.prompt) + c.text == generator.vocabulary.decode(request.prompt + c.tokens)
+        word_starts += generator.vocabulary.tokenizer.id_to_piece(c.tokens[0]).startswith("\u2581")
+    assert word_starts  # the case that used to glue words

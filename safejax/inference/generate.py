@@ -123,7 +123,7 @@ class Generator:
         eos = self.vocabulary.eos_id  # 1 in our vocabularies; an imported tokenizer names its own
         stop_ids = (eos, self.loaded.reserved[END_OF_TURN]) if group[0].chat else (eos,)
         prompts, params = [r.prompt for r in group], [r.params for r in group]
-        texts = _Texts(self.vocabulary, params, indices, on_text)
+        texts = _Texts(self.vocabulary, params, indices, on_text, prompts)
         if group[0].params.strategy in ("greedy", "sample"):
             outputs = self.sampler.run(prompts, params, stop_ids, texts.update)
         else:
@@ -133,16 +133,31 @@ class Generator:
 
 class _Texts:
     """Decoded text per row while decoding runs: stop strings end a row, and only text that no
-    stop string can still claim is streamed."""
+    stop string can still claim is streamed.
 
-    def __init__(self, vocabulary, params, indices, on_text):
+    A continuation is decoded after the end of its prompt and the prompt's text removed, so that
+    it keeps the space its first piece starts with (decoded alone, a SentencePiece "▁word" loses
+    it, and prompt + text would glue two words).
+    """
+
+    ANCHOR_TOKENS = 4  # prompt tokens decoded before the continuation
+
+    def __init__(self, vocabulary, params, indices, on_text, prompts):
         self.vocabulary, self.params, self.indices, self.on_text = vocabulary, params, indices, on_text
         self.sent = [0] * len(params)
+        self.anchors = [list(p[-self.ANCHOR_TOKENS:]) for p in prompts]
+        self.anchor_texts = [vocabulary.decode(a) for a in self.anchors]
+
+    def decode(self, j: int, ids: list[int]) -> str:
+        whole = self.vocabulary.decode(self.anchors[j] + list(ids))
+        if self.anchor_texts[j] and whole.startswith(self.anchor_texts[j]):
+            return whole[len(self.anchor_texts[j]):]
+        return self.vocabulary.decode(ids)
 
     def update(self, tokens: list[list[int]], done: list[bool]) -> list[int]:
         stop_rows = []
         for j, ids in enumerate(tokens):
-            text, cut = _cut(self.vocabulary.decode(ids), self.params[j].stop)
+            text, cut = _cut(self.decode(j, ids), self.params[j].stop)
             if cut:
                 stop_rows.append(j)
             if not (cut or done[j]):  # hold back what a stop string or a split UTF-8 character may claim
@@ -152,7 +167,7 @@ class _Texts:
         return stop_rows
 
     def finish(self, j: int, out: Output, prompt_tokens: int) -> Completion:
-        text, cut = _cut(self.vocabulary.decode(out.tokens), self.params[j].stop)
+        text, cut = _cut(self.decode(j, out.tokens), self.params[j].stop)
         self._send(j, text)
         return Completion(text, out.tokens, "stop" if cut else out.finish_reason, prompt_tokens, out.score)
 
