@@ -289,9 +289,12 @@ def cmd_export(args, bindings) -> int:
 
 
 def cmd_import(args, bindings) -> int:
+    from safejax import vocab
     from safejax.interop import hf_import
 
-    print(json.dumps(hf_import.import_hf(args.hf, args.workdir, add_harm_tag=args.add_harm_tag)))
+    named = {**({vocab.HARM_TAG: args.harm_tag} if args.harm_tag else {}),
+             **dict(zip(vocab.ROLE_MARKERS, args.role_markers or ()))}
+    print(json.dumps(hf_import.import_hf(args.hf, args.workdir, add_harm_tag=args.add_harm_tag, named=named)))
     return 0
 
 
@@ -448,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--workdir", required=True, help="the workdir to write (new or empty)")
     imp.add_argument("--add_harm_tag", action="store_true", help="add the harm tag and role markers the tokenizer "
                                                                  "lacks as new ids (new rows: the mean of the old)")
+    imp.add_argument("--harm_tag", metavar="TOKEN", help="the tokenizer's own special token to use as the harm tag")
+    imp.add_argument("--role_markers", nargs=3, metavar=("USER", "ASSISTANT", "END_OF_TURN"),
+                     help="the tokenizer's own special tokens to use as the dialogue role markers")
     imp.set_defaults(run=cmd_import)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its figures as JSON lines")

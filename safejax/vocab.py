@@ -208,14 +208,17 @@ def describe(vocabulary: seqio.Vocabulary) -> dict:
 
 def load_recorded(record: dict, path: str | None = None) -> seqio.Vocabulary:
     """The vocabulary a checkpoint recorded (or the file at `path`), refused when its content
-    differs from the recorded one: the ids would mean other pieces."""
+    differs from the recorded one: the ids would mean other pieces. Size, eos and reserved ids are
+    compared too: an imported tokenizer's tokenizer_config.json (eos, named tokens, a moved id 0)
+    changes them without changing the file."""
     path = path or record["path"]
     vocabulary = load_vocabulary(path)
-    found = _sha256(path)
-    if found != record["sha256"]:
-        raise errors.UserError(f"vocabulary {path} (sha256 {found[:12]}) is not the one the checkpoint was "
-                               f"trained with ({record['path']}, sha256 {record['sha256'][:12]})")
-    if record.get("eos_id", vocabulary.eos_id) != vocabulary.eos_id:
-        raise errors.UserError(f"vocabulary {path}: its eos id is {vocabulary.eos_id}, the checkpoint was "
-                               f"trained with {record['eos_id']}")
+    found = describe(vocabulary)
+    if found["sha256"] != record["sha256"]:
+        raise errors.UserError(f"vocabulary {path} (sha256 {found['sha256'][:12]}) is not the one the checkpoint "
+                               f"was trained with ({record['path']}, sha256 {record['sha256'][:12]})")
+    for field in ("pieces", "eos_id", "reserved_ids"):
+        if record.get(field, found[field]) != found[field]:
+            raise errors.UserError(f"vocabulary {path}: its {field} is {found[field]}, the checkpoint was "
+                                   f"trained with {record[field]}")
     return vocabulary

@@ -5,6 +5,9 @@ ragged prompts, the same greedy continuation, and a tokenizer that gives our ids
 the chat template). Import: a tiny random LlamaForCausalLM built here (no download) becomes a
 workdir with the same logits; with --add_harm_tag it trains and decodes with Safe Beam. Export
 then import gives the parameters back bit for bit. Unsupported configs are refused by field.
+SmolLM2's layout (the eos at id 0, its own special tokens named by --harm_tag/--role_markers):
+the id moves so seqio's padding stays 0, logits still equal transformers', and export gives the
+original folder back. A tokenizer.model folder imports; one whose id 0 is text is refused.
 """
 
 import itertools
@@ -60,6 +63,11 @@ def _hf_logits(model, prompts_ids, side):
         out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                     position_ids=torch.tensor(positions)).logits.numpy()
     return [out[i][mask[i] == 1] for i in range(len(prompts_ids))]
+
+
+def _json(*path):
+    with open(os.path.join(*path)) as f:
+        return json.load(f)
 
 
 def _max_diff(ours, theirs):
@@ -189,38 +197,44 @@ def test_converted_tokenizer_differs_from_sentencepiece_only_on_ties():
 
 # ---- import ------------------------------------------------------------------------------------
 
-def _byte_level_tokenizer(folder):
-    """A 400-token byte-level BPE trained here: <pad> 0 (seqio's padding), <s> 1, </s> 2 (its eos)."""
+def _byte_level_tokenizer(folder, specials=("<pad>", "<s>", "</s>"), eos="</s>"):
+    """A 400-token byte-level BPE trained here, `specials` first (by default <pad> 0, seqio's
+    padding, <s> 1, </s> 2, its eos)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     shakespeare = [f for f in sources.bundled_corpus_files() if "shakespeare" in f]
     tok.train_from_iterator(itertools.islice(sources.iter_texts(shakespeare), 200), trainer)
     tok.save(os.path.join(folder, "tokenizer.json"))
-    json.dump({"eos_token": "</s>", "pad_token": "<pad>"}, open(os.path.join(folder, "tokenizer_config.json"), "w"))
+    json.dump({"eos_token": eos, "pad_token": specials[0]}, open(os.path.join(folder, "tokenizer_config.json"), "w"))
     return tok
+
+
+def _save_tiny_llama(folder, vocab_size, **changes):
+    """A tiny random LlamaForCausalLM (GQA, RoPE base 20000) saved as safetensors in `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    settings = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=20000.0,
+                    rms_norm_eps=1e-6, initializer_range=0.2)
+    model = LlamaForCausalLM(LlamaConfig(**{**settings, **changes})).eval()
+    model.save_pretrained(folder)
+    return model
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    """A tiny random LlamaForCausalLM (GQA, untied, RoPE base 20000), saved as safetensors."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """Untied, with <pad> at id 0 and eos 2."""
     folder = str(tmp_path_factory.mktemp("hf"))
     tok = _byte_level_tokenizer(folder)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=20000.0,
-                      rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                      initializer_range=0.2)
-    model = LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(folder)
-    return folder, model
+    return folder, _save_tiny_llama(folder, tok.get_vocab_size(), tie_word_embeddings=False, bos_token_id=1,
+                                    eos_token_id=2, pad_token_id=0)
 
 
 def _prompt_ids(vocabulary):
@@ -320,12 +334,7 @@ def test_unsupported_configs_are_refused_naming_the_field(tmp_path, field, value
 def test_a_bias_tensor_is_refused_naming_it(tmp_path):
     from safetensors.numpy import save_file
 
-    from safejax.models.decoder import Decoder, DecoderConfig
-
-    folder = _folder_with(tmp_path)
-    cfg = DecoderConfig(**llama_layout.decoder_fields(json.load(open(os.path.join(folder, "config.json"))), "x"))
-    shapes = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
-    tensors = llama_layout.to_hf(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes), cfg)
+    folder, tensors = _zero_llama_folder(tmp_path)
     tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(8, np.float32)
     save_file(tensors, os.path.join(folder, "model.safetensors"))
     with pytest.raises(errors.UserError, match="q_proj.bias"):
@@ -352,3 +361,220 @@ def test_a_tokenizer_whose_text_encodes_to_a_reserved_id_is_refused(tmp_path):
     with pytest.raises(errors.UserError, match="forge"):
         vocab.reserved_ids(vocabulary, (vocab.HARM_TAG,))
 
+
+
+# ---- SmolLM2's layout: the eos at id 0, the tokenizer's own harm tag and role markers -----------
+
+SMOL_SPECIALS = ("<|endoftext|>", "<|harm|>", "<|u|>", "<|a|>", "<|e|>")
+SMOL_NAMED = ["--harm_tag", "<|harm|>", "--role_markers", "<|u|>", "<|a|>", "<|e|>"]
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """A tied tiny Llama whose tokenizer has the eos <|endoftext|> at id 0 (as SmolLM2's has) and
+    its own special tokens, imported naming them: (folder, HF model, workdir)."""
+    root = tmp_path_factory.mktemp("smol")
+    folder, workdir = str(root / "hf"), str(root / "run")
+    os.makedirs(folder)
+    tok = _byte_level_tokenizer(folder, SMOL_SPECIALS, "<|endoftext|>")
+    model = _save_tiny_llama(folder, tok.get_vocab_size(), tie_word_embeddings=True, bos_token_id=0,
+                             eos_token_id=0, pad_token_id=None)
+    assert cli.main(["import", "--hf", folder, "--workdir", workdir, *SMOL_NAMED]) == 0
+    return folder, model, workdir
+
+
+@pytest.mark.slow
+def test_named_special_tokens_are_the_reserved_ids_for_tagger_sampler_and_chat(smol):
+    from safejax.inference.generate import Generator
+
+    _, _, workdir = smol
+    loaded = _load(workdir)
+    assert loaded.reserved == dict(zip(vocab.RESERVED_TOKENS, (1, 2, 3, 4)))
+    vocabulary = loaded.vocabulary
+    assert vocab.harm_tag_id(vocabulary) == 1 == Generator(loaded).tag_id
+    assert not {1, 2, 3, 4} & set(vocabulary.encode("a <|harm|> b<|u|><|e|>"))  # raw text cannot forge them
+    ids = dialogue.encode_dialogue(vocabulary, [{"role": "user", "text": "hi"}, {"role": "assistant", "text": "yo"}])
+    assert ids[0] == 2 and ids.count(4) == 2 and 3 in ids
+    assert not tagging.piece_classes(vocabulary)["visible"][[1, 2, 3, 4]].any()
+
+
+@pytest.mark.slow
+def test_an_eos_at_id_0_moves_to_a_new_last_id_with_transformers_logits(smol):
+    import seqio
+    import tensorflow as tf
+
+    _, model, workdir = smol
+    n = model.config.vocab_size
+    loaded = _load(workdir)
+    vocabulary = loaded.vocabulary
+    assert vocabulary.eos_id == n == vocabulary.id_0_moved_to == vocabulary.vocab_size - 1
+    assert loaded.config.vocab_size == n + 1
+    assert checkpoint.read_record(workdir).vocabulary["eos_id"] == n
+    texts = [*PROMPTS, "a<|endoftext|>b", "line\n\nbreak"]
+    for text in texts:  # our 0 is padding: no text encodes to it, and the text comes back
+        assert 0 not in vocabulary.encode(text) and vocabulary.decode(vocabulary.encode(text)) == text
+    prompts = _prompt_ids(vocabulary)
+    theirs = _hf_logits(model, [[0 if i == n else i for i in p] for p in prompts], "right")
+    hf_order = [n, *range(1, n)]  # our logits in the HF model's id order
+    diff = _max_diff([o[:, hf_order] for o in _our_logits(loaded, prompts)], theirs)
+    print(f"moved id 0 import parity: max |logit diff| = {diff:.2e}")
+    assert diff < TOL
+    docs = [vocabulary.encode(t) + [vocabulary.eos_id] for t in texts[:3]]
+    ds = tf.data.Dataset.from_generator(lambda: ({"targets": d} for d in docs),
+                                        output_signature={"targets": tf.TensorSpec([None], tf.int32)})
+    [packed] = seqio.DecoderFeatureConverter(pack=True)(ds, {"targets": 64}).as_numpy_iterator()
+    targets, weights = packed["decoder_target_tokens"], packed["decoder_loss_weights"]
+    assert targets[weights == 1].tolist() == sum(docs, [])  # every token, eos included, packed and learned
+
+    from safejax.data import pipeline
+
+    config.parse([os.path.join(workdir, "config.gin")], FAST + ["DataConfig.eval_batches = 0"])
+    batch = next(pipeline.train_batches(pipeline.DataConfig()))  # the training data, as `safejax train` reads it
+    real = batch["segment_ids"] != 0  # (documents longer than a row are cut, so rows need not hold an eos)
+    assert real.any() and ((batch["targets"] != 0) == real).all() and (batch["weights"] == real).all()
+
+
+@pytest.mark.slow
+def test_export_of_a_moved_import_gives_the_original_folder_back_and_runs_in_transformers(smol, tmp_path):
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, model, workdir = smol
+    output = str(tmp_path / "hf")
+    assert cli.main(["export", "--checkpoint", workdir, "--output", output]) == 0
+    original = load_file(os.path.join(folder, "model.safetensors"))
+    exported = load_file(os.path.join(output, "model.safetensors"))
+    assert sorted(original) == sorted(exported)
+    for name in original:
+        assert np.array_equal(original[name], exported[name]), name
+    assert _json(output, "tokenizer.json") == _json(folder, "tokenizer.json")
+    hf = _json(output, "config.json")
+    assert hf["vocab_size"] == model.config.vocab_size and hf["eos_token_id"] == 0
+    assert hf["safejax"]["harm_tag"] == "<|harm|>" and hf["safejax"]["harm_tag_id"] == 1
+    assert _json(output, "special_tokens_map.json")["additional_special_tokens"] == list(SMOL_SPECIALS[1:])
+
+    hf_model, tok = AutoModelForCausalLM.from_pretrained(output).eval(), AutoTokenizer.from_pretrained(output)
+    loaded = _load(workdir)
+    prompts = [tok(p, add_special_tokens=False, split_special_tokens=True)["input_ids"] for p in PROMPTS]
+    n = loaded.vocabulary.id_0_moved_to
+    assert prompts == [[0 if i == n else i for i in loaded.vocabulary.encode(p)] for p in PROMPTS]
+    assert _max_diff(_hf_logits(model, prompts, "left"), _hf_logits(hf_model, prompts, "left")) == 0
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert tok(rendered, add_special_tokens=False)["input_ids"] == dialogue.encode_dialogue(
+        loaded.vocabulary, [{"role": "user", "text": "hi"}], generation_prompt=True)
+
+    back = hf_import.import_hf(output, str(tmp_path / "back"))  # the names come back from config.json
+    assert back["reserved_ids"] == loaded.reserved and back["id_0_moved_to"] == loaded.vocabulary.id_0_moved_to
+    after = jax.tree.leaves(_params(_load(back["workdir"])))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(_params(loaded)), after):
+        assert np.array_equal(a, b), path
+    settings_path = os.path.join(back["workdir"], "vocab", "tokenizer_config.json")
+    settings = json.load(open(settings_path))
+    del settings["safejax"]["id_0_moved_to"]
+    json.dump(settings, open(settings_path, "w"))
+    with pytest.raises(errors.UserError, match="pieces"):  # the same tokenizer.json, other ids: refused
+        _load(back["workdir"])
+
+
+@pytest.mark.slow
+def test_export_of_an_imported_tokenizer_json_model_runs_in_transformers(tagged_import, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    workdir, output = tagged_import["workdir"], str(tmp_path / "hf")
+    assert cli.main(["export", "--checkpoint", workdir, "--output", output]) == 0
+    loaded = _load(workdir)
+    vocabulary = loaded.vocabulary
+    tok = AutoTokenizer.from_pretrained(output)
+    for token, token_id in loaded.reserved.items():
+        assert tok.convert_tokens_to_ids(token) == token_id
+    texts = [*PROMPTS, " ".join(f"{t} word" for t in vocab.RESERVED_TOKENS)]
+    for text in texts:
+        assert tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == vocabulary.encode(text)
+    prompts = _prompt_ids(vocabulary)
+    hf_model = AutoModelForCausalLM.from_pretrained(output).eval()
+    for side in ("right", "left"):
+        diff = _max_diff(_our_logits(loaded, prompts), _hf_logits(hf_model, prompts, side))
+        print(f"export of an imported tokenizer.json ({side} padding): max |logit diff| = {diff:.2e}")
+        assert diff < TOL
+
+
+@pytest.mark.slow
+def test_an_import_with_a_sentencepiece_tokenizer_model(tmp_path):
+    import shutil
+
+    import seqio
+
+    folder = str(tmp_path / "hf")
+    os.makedirs(folder)
+    shutil.copyfile(vocab.BUNDLED_VOCAB, os.path.join(folder, "tokenizer.model"))
+    size = vocab.load_vocabulary(vocab.BUNDLED_VOCAB).vocab_size
+    model = _save_tiny_llama(folder, size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             tie_word_embeddings=True, bos_token_id=3, eos_token_id=1, pad_token_id=0)
+    summary = hf_import.import_hf(folder, str(tmp_path / "run"))
+    assert summary["vocabulary"].endswith("tokenizer.model") and summary["id_0_moved_to"] is None
+    loaded = _load(summary["workdir"])
+    assert isinstance(loaded.vocabulary, seqio.SentencePieceVocabulary)
+    assert loaded.reserved == {t: i for i, t in enumerate(vocab.RESERVED_TOKENS, 4)}
+    prompts = _prompt_ids(loaded.vocabulary)
+    diff = _max_diff(_our_logits(loaded, prompts), _hf_logits(model, prompts, "right"))
+    print(f"tokenizer.model import parity: max |logit diff| = {diff:.2e}")
+    assert diff < TOL
+
+
+def _zero_llama_folder(tmp_path, vocab_size=16):
+    """config.json + an all-zero model.safetensors: enough for import's checks."""
+    from safetensors.numpy import save_file
+
+    from safejax.models.decoder import Decoder, DecoderConfig
+
+    folder = _folder_with(tmp_path, vocab_size=vocab_size)
+    cfg = DecoderConfig(**llama_layout.decoder_fields(json.load(open(os.path.join(folder, "config.json"))), "x"))
+    shapes = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param).to_pure_dict()
+    tensors = llama_layout.to_hf(jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes), cfg)
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    return folder, tensors
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--harm_tag", "<|nope|>"], r"--harm_tag: the tokenizer has no token '<\|nope\|>'"),
+    (["--harm_tag", "a"], r"--harm_tag: 'a' is an ordinary token"),
+    (["--harm_tag", "<|harm|>", "--role_markers", "<|harm|>", "<|u|>", "<|e|>"], "more than one reserved token"),
+    (["--harm_tag", "<|harm|>"], "add --add_harm_tag"),
+])
+def test_a_named_token_that_is_missing_or_forgeable_is_refused(tmp_path, capsys, flags, message):
+    import re
+
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    folder, _ = _zero_llama_folder(tmp_path)
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1, "<|harm|>": 2, "<|u|>": 3, "<|e|>": 4},
+                                     unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<|endoftext|>", "<|harm|>", "<|u|>", "<|e|>")])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    json.dump({"eos_token": "<|endoftext|>"}, open(os.path.join(folder, "tokenizer_config.json"), "w"))
+    assert cli.main(["import", "--hf", folder, "--workdir", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(message, err) and "\n" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sentencepiece_tokenizer_whose_id_0_is_text_is_refused(tmp_path):
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    folder, _ = _zero_llama_folder(tmp_path)
+    model = model_pb2.ModelProto()
+    model.ParseFromString(open(vocab.BUNDLED_VOCAB, "rb").read())
+    word = next(i for i, p in enumerate(model.pieces) if p.type == p.NORMAL)
+    pad, normal = model_pb2.ModelProto.SentencePiece(), model_pb2.ModelProto.SentencePiece()
+    pad.CopyFrom(model.pieces[0])
+    normal.CopyFrom(model.pieces[word])
+    model.pieces[0].CopyFrom(normal)
+    model.pieces[word].CopyFrom(pad)
+    model.trainer_spec.pad_id = word
+    open(os.path.join(folder, "tokenizer.model"), "wb").write(model.SerializeToString())
+    with pytest.raises(errors.UserError, match="id 0 is .* seqio takes for padding"):
+        hf_import.import_hf(folder, str(tmp_path / "run"))
+    with pytest.raises(errors.UserError, match="--harm_tag: naming .* needs a tokenizer.json"):
+        hf_import.import_hf(folder, str(tmp_path / "run"), named={vocab.HARM_TAG: "<s>"})
+    assert not (tmp_path / "run").exists()

@@ -1,7 +1,8 @@
 """`safejax export`: a training checkpoint as a Hugging Face folder that transformers loads with
 no custom code (LlamaForCausalLM, the fast tokenizer, our chat template).
 
-    DIR/config.json                    LlamaForCausalLM; "safejax" holds the harm tag's text and id
+    DIR/config.json                    LlamaForCausalLM; "safejax" holds the harm tag's text and id,
+                                       each reserved token's (import reads them back)
     DIR/model.safetensors              fp32 weights, as trained (or model-0000i-of-0000n.safetensors
                                        + model.safetensors.index.json above max_shard_bytes)
     DIR/generation_config.json         greedy; stops at end of sequence and end of turn
@@ -76,20 +77,25 @@ def export(workdir: str, output: str, step: int | None = None, *, max_shard_byte
         raise errors.UserError(f"export.max_shard_bytes must be positive, got {max_shard_bytes}")
     loaded = checkpoint.load(workdir, step)
     params = jax.device_get(nnx.state(loaded.model, nnx.Param).to_pure_dict())
-    tensors = llama_layout.to_hf(params, loaded.config)
+    moved = getattr(loaded.vocabulary, "id_0_moved_to", None)  # an imported tokenizer.json's (hf_tokenizer.py)
+    tensors = llama_layout.to_hf(params, loaded.config, moved, f"{workdir} step {loaded.step}")
+    reserved = hf_tokenizer_files.exported_reserved(loaded.vocabulary, loaded.reserved)
     os.makedirs(output, exist_ok=True)
-    ids = hf_tokenizer_files.write(loaded.vocabulary, loaded.reserved, loaded.context, output)
+    ids = hf_tokenizer_files.write(loaded.vocabulary, reserved, loaded.context, output)
     files = write_weights(tensors, output, max_shard_bytes)
-    hf = llama_layout.hf_config(loaded.config, loaded.context, ids["eos_token_id"], ids["bos_token_id"],
-                                ids["pad_token_id"])
-    hf["safejax"] = {"harm_tag": vocab_lib.HARM_TAG, "harm_tag_id": loaded.reserved.get(vocab_lib.HARM_TAG),
-                     "reserved_ids": loaded.reserved, "checkpoint": os.path.abspath(workdir),
-                     "step": loaded.step, "vocabulary_sha256": vocab_lib.describe(loaded.vocabulary)["sha256"]}
+    hf = llama_layout.hf_config(loaded.config, len(tensors["model.embed_tokens.weight"]), loaded.context,
+                                ids["eos_token_id"], ids["bos_token_id"], ids["pad_token_id"])
+    harm_tag = reserved.get(vocab_lib.HARM_TAG, (vocab_lib.HARM_TAG, None))
+    hf["safejax"] = {"harm_tag": harm_tag[0], "harm_tag_id": harm_tag[1],
+                     "reserved_ids": {text: token_id for text, token_id in reserved.values()},
+                     "reserved_tokens": {token: text for token, (text, _) in reserved.items()},
+                     "checkpoint": os.path.abspath(workdir), "step": loaded.step,
+                     "vocabulary_sha256": vocab_lib.describe(loaded.vocabulary)["sha256"]}
     _write_json(os.path.join(output, "config.json"), hf)
-    stops = [ids["eos_token_id"], *([loaded.reserved[dialogue.END_OF_TURN]] if dialogue.END_OF_TURN in loaded.reserved else [])]
+    stops = [ids["eos_token_id"], *([reserved[dialogue.END_OF_TURN][1]] if dialogue.END_OF_TURN in reserved else [])]
     _write_json(os.path.join(output, "generation_config.json"),
                 {"bos_token_id": ids["bos_token_id"], "eos_token_id": stops, "pad_token_id": ids["pad_token_id"],
                  "do_sample": False, "max_length": loaded.context})
     return {"output": os.path.abspath(output), "step": loaded.step, "files": files,
             "parameters": int(sum(t.size for t in tensors.values())),
-            "harm_tag_id": loaded.reserved.get(vocab_lib.HARM_TAG)}
+            "harm_tag_id": harm_tag[1]}

@@ -72,10 +72,12 @@ def decoder_fields(hf: dict, path: str) -> dict:
     }
 
 
-def hf_config(cfg: DecoderConfig, context: int, eos_id: int, bos_id: int | None, pad_id: int | None) -> dict:
-    """config.json of LlamaForCausalLM for our decoder (fp32 weights)."""
+def hf_config(cfg: DecoderConfig, vocab_size: int, context: int, eos_id: int, bos_id: int | None,
+              pad_id: int | None) -> dict:
+    """config.json of LlamaForCausalLM for our decoder (fp32 weights; `vocab_size` rows, one fewer
+    than ours where the tokenizer's id 0 was moved)."""
     return {
-        "architectures": [ARCHITECTURE], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "architectures": [ARCHITECTURE], "model_type": "llama", "vocab_size": vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
         "hidden_act": "silu", "max_position_embeddings": context, "rms_norm_eps": cfg.norm_eps,
@@ -100,11 +102,30 @@ def _block_tensors(i: int) -> dict[str, tuple[tuple[str, str], str]]:
             p + "mlp.down_proj.weight": (("mlp", "down"), "matrix")}
 
 
-def to_hf(params: dict, cfg: DecoderConfig) -> dict[str, np.ndarray]:
-    """Our params (nnx pure dict of numpy arrays) as HF state-dict tensors."""
+def move_id_0_in(table: np.ndarray, padding_row: np.ndarray) -> np.ndarray:
+    """HF vocabulary rows as ours when the tokenizer's id 0 is a real token (interop/hf_tokenizer.py):
+    its row goes to a new last id, row 0 (our padding) becomes `padding_row`."""
+    out = np.concatenate([table, table[:1]])
+    out[0] = padding_row
+    return out
+
+
+def move_id_0_out(table: np.ndarray, moved_to: int, where: str) -> np.ndarray:
+    """The inverse of move_id_0_in: the last row back to id 0, our padding row dropped."""
+    if table.shape[0] != moved_to + 1:
+        raise errors.UserError(f"{where}: the vocabulary moved id 0 to {moved_to} but the model has "
+                               f"{table.shape[0]} rows, not {moved_to + 1}")
+    return np.concatenate([table[moved_to:], table[1:moved_to]])
+
+
+def to_hf(params: dict, cfg: DecoderConfig, id_0_moved_to: int | None = None, where: str = "") -> dict[str, np.ndarray]:
+    """Our params (nnx pure dict of numpy arrays) as HF state-dict tensors (a moved id 0 moved back)."""
     out = {"model.embed_tokens.weight": params["embed"]["table"], "model.norm.weight": params["final_norm"]["scale"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = params["lm_head"]["table"]
+    if id_0_moved_to is not None:
+        for name in ("model.embed_tokens.weight", "lm_head.weight")[: 1 + (not cfg.tie_embeddings)]:
+            out[name] = move_id_0_out(out[name], id_0_moved_to, where)
     for i in range(cfg.num_layers):
         for name, ((module, param), layout) in _block_tensors(i).items():
             w = params["blocks"][i][module][param]
