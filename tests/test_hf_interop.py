@@ -578,3 +578,24 @@ def test_a_sentencepiece_tokenizer_whose_id_0_is_text_is_refused(tmp_path):
     with pytest.raises(errors.UserError, match="--harm_tag: naming .* needs a tokenizer.json"):
         hf_import.import_hf(folder, str(tmp_path / "run"), named={vocab.HARM_TAG: "<s>"})
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_an_imported_model_finetunes_on_chat_data_with_its_own_tokenizer(tagged_import, tmp_path, capsys):
+    """The finetuning stages take an imported model like one of ours: the chat data tokenized
+    with its tokenizer.json (role markers added by --add_harm_tag), then a chat answer."""
+    from safejax import cli
+    from safejax.inference.generate import Generator, Request
+
+    source, out = tagged_import["workdir"], str(tmp_path / "gsm8k")
+    tokenizer = os.path.join(source, "vocab", "tokenizer.json")
+    code = cli.main(["finetune", f"--from={source}", "--gin_file=finetune/gsm8k.gin", f"--workdir={out}",
+                     "--gin.TRAIN_STEPS=2", "--gin.SEQ_LEN=64", "--gin.GSM8K_EVAL=0",
+                     "--gin.DataConfig.eval_batches=0", f"--gin.chat_task.vocab_path='{tokenizer}'"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 2 and np.isfinite(summary["loss"])
+    gen = Generator.from_checkpoint(out)
+    prompt = gen.encode_chat([{"role": "user", "content": "How many apples?"}])
+    [c] = gen.run([Request(prompt, gen.params(strategy="greedy", max_new_tokens=4), chat=True)])
+    assert c.tokens

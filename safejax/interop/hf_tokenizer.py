@@ -190,14 +190,26 @@ class TokenizerJsonVocabulary(seqio.Vocabulary):
             ids = [self.tokenizer_id(i) for i in ids if i != 0]  # our 0 is padding, not the tokenizer's 0
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
-        """Through the Rust tokenizer in a py_function (scalar strings, as seqio's tokenize feeds them)."""
-        def encode(text):
-            return np.asarray(self._encode(text.numpy().decode("utf-8")), np.int32)
+    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor | tf.RaggedTensor:
+        """Through the Rust tokenizer in a py_function: a scalar string (as seqio's tokenize feeds
+        them) to ids, a vector of strings (as the dialogue template's turns) to ragged ids."""
+        if s.shape.rank == 0:
+            def encode(text):
+                return np.asarray(self._encode(text.numpy().decode("utf-8")), np.int32)
 
-        ids = tf.py_function(encode, [s], tf.int32)
-        ids.set_shape([None])
-        return ids
+            ids = tf.py_function(encode, [s], tf.int32)
+            ids.set_shape([None])
+            return ids
+
+        def encode_all(texts):
+            rows = [self._encode(t.decode("utf-8")) for t in texts.numpy()]
+            return (np.asarray([i for row in rows for i in row], np.int32),
+                    np.asarray([len(row) for row in rows], np.int64))
+
+        values, lengths = tf.py_function(encode_all, [s], (tf.int32, tf.int64))
+        values.set_shape([None])
+        lengths.set_shape([None])
+        return tf.RaggedTensor.from_row_lengths(values, lengths, validate=False)
 
     def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
         def decode(row):
