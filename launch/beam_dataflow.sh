@@ -8,6 +8,11 @@
 #       runs every per-document step of the mixture's tasks (validation, score join, filters,
 #       tokenization, harm tags, dialogue formatting) and writes seqio's cache format; train on it
 #       with --gin.DataConfig.use_cached=True --gin.DataConfig.cache_dirs="('gs://...',)".
+#   synth rephrase|refuseweb|moral --beam --input ... --output DIR [--backend endpoint --base_url URL]
+#       the synthesis jobs, one input file per worker task into DIR/part-N/, each worker with one
+#       client (its own --concurrency requests in flight) to the LLM endpoint, e.g. a vLLM fleet
+#       behind one load-balanced URL; DIR must be a filesystem every worker mounts (the cache is
+#       append-only files), not gs://.
 # The workers install safejax from --package (a wheel built with `pip wheel --no-deps -w dist .`),
 # so they run the same code and gin config as this machine.
 set -euo pipefail
@@ -18,8 +23,8 @@ usage() {
   cat <<USAGE
 Usage: $prog --project P --region R --bucket gs://B --package FILE [options] -- JOB...
 
-Run 'safejax JOB... -- DATAFLOW_OPTIONS' from here, where JOB is 'score --beam ...' or
-'data cache ...'; the pipeline itself runs on Dataflow workers.
+Run 'safejax JOB... -- DATAFLOW_OPTIONS' from here, where JOB is 'score --beam ...',
+'synth JOB --beam ...' or 'data cache ...'; the pipeline itself runs on Dataflow workers.
 
 Required:
   --project P        Google Cloud project
@@ -70,11 +75,11 @@ while (($#)); do
     *) die "unknown option $1 (data arguments go after --)" ;;
   esac
 done
-((saw_separator)) || die "missing -- before the job (score --beam ... or data cache ...)"
-(($#)) || die "no job after -- (score --beam ... or data cache ...)"
+((saw_separator)) || die "missing -- before the job (score --beam ..., synth JOB --beam ... or data cache ...)"
+(($#)) || die "no job after -- (score --beam ..., synth JOB --beam ... or data cache ...)"
 case "$1 ${2-}" in
-  "score "*|"data cache") ;;
-  *) die "the job must be 'score --beam ...' or 'data cache ...', got '$*'" ;;
+  "score "*|"data cache"|"synth "*) ;;
+  *) die "the job must be 'score --beam ...', 'synth JOB --beam ...' or 'data cache ...', got '$*'" ;;
 esac
 [[ -n $project ]] || die "--project is required"
 [[ -n $region ]] || die "--region is required"

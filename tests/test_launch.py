@@ -340,6 +340,7 @@ DATAFLOW = ["--project", "p", "--region", "us-central1", "--bucket", "gs://b/", 
 @pytest.mark.parametrize("job", [
     ["data", "cache", "ablation_full", "--cache_dir", "gs://b/cache", "--gin.SCORES=['gs://b/s/*']"],
     ["score", "--beam", "--checkpoint", "gs://b/m", "--input", "gs://b/c/*", "--output", "gs://b/s"],
+    ["synth", "rephrase", "--beam", "--input", "gs://b/split", "--output", "/mnt/shared/synth"],
 ])
 def test_dataflow_dry_run_prints_the_job_with_dataflow_options(env, job):
     proc = run("beam_dataflow.sh", *DATAFLOW, "--workers", "4", "--job", "j1", "--dry-run", "--",
