@@ -19,7 +19,7 @@ from flax import nnx
 from safejax import config, errors, parallel
 from safejax import vocab as vocab_lib
 from safejax.models.decoder import Decoder, DecoderConfig
-from safejax.train.checkpoint import Checkpointer, check_compatible
+from safejax.train.checkpoint import Checkpointer, check_compatible, check_lm_record
 
 
 @dataclasses.dataclass
@@ -53,11 +53,7 @@ def load(workdir: str, step: int | None = None, vocab_path: str | None = None) -
     with Checkpointer(workdir, read_only=True) as checkpointer:
         step = checkpointer.pick(step)
         record = checkpointer.read_record(step)
-        if record.objective != "lm":
-            raise errors.UserError(f"{workdir} step {step} is a {record.objective or 'unknown'} checkpoint, not an LM")
-        if record.model_config is None or record.vocabulary is None:
-            raise errors.UserError(f"{workdir} step {step} was written before checkpoints recorded their model "
-                                   "and vocabulary; resume it with `safejax train` to write a new one")
+        check_lm_record(record, f"{workdir} step {step}")
         cfg = DecoderConfig()  # config.gin's, with the user's numerics (dtype, query_block); shapes checked
         check_compatible(record.fingerprint, {"objective": "lm", **cfg.shape_dict()}, checkpointer.directory)
         abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))

@@ -104,17 +104,29 @@ def load_havoc(path: str) -> LoadResult:
     return result
 
 
-def load_openai_moderation(path: str) -> LoadResult:
-    result = LoadResult()
+def _json_records(path: str, result: LoadResult, where: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each JSONL line; a line that is not a JSON object is set aside
+    as `where:LINE` with its reason."""
     with _open(path) as f:
         for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                result.set_aside.append((f"openai_moderation:{i}", "invalid JSON"))
+                result.set_aside.append((f"{where}:{i}", "invalid JSON"))
                 continue
-            flags = {k: v for k, v in record.items() if k != "prompt"}
-            _add(result, "openai_moderation", i, record.get("prompt"), rubric.openai_moderation_score, flags)
+            if not isinstance(record, dict):
+                result.set_aside.append((f"{where}:{i}", "not a JSON object"))
+                continue
+            yield i, record
+
+
+def load_openai_moderation(path: str) -> LoadResult:
+    result = LoadResult()
+    for i, record in _json_records(path, result, "openai_moderation"):
+        flags = {k: v for k, v in record.items() if k != "prompt"}
+        _add(result, "openai_moderation", i, record.get("prompt"), rubric.openai_moderation_score, flags)
     return result
 
 
@@ -135,17 +147,8 @@ def load_toxigen(path: str) -> LoadResult:
 def load_do_not_answer(path: str) -> LoadResult:
     """Do-Not-Answer requests, JSONL {"prompt", "intents", "risk_area"}."""
     result = LoadResult()
-    with _open(path) as f:
-        for i, line in enumerate(f, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                result.set_aside.append((f"do_not_answer:{i}", "invalid JSON"))
-                continue
-            if not isinstance(record, dict):
-                result.set_aside.append((f"do_not_answer:{i}", "not a JSON object"))
-                continue
-            _add(result, "do_not_answer", i, record.get("prompt"), rubric.do_not_answer_score, record.get("risk_area"))
+    for i, record in _json_records(path, result, "do_not_answer"):
+        _add(result, "do_not_answer", i, record.get("prompt"), rubric.do_not_answer_score, record.get("risk_area"))
     return result
 
 
@@ -153,19 +156,8 @@ def load_llm_labels(path: str) -> LoadResult:
     """The JSONL that `safejax label` writes: {"id", "text", "score", "reason", ...}. Records
     without a valid score (invalid replies it kept with their raw text) are set aside."""
     result = LoadResult()
-    with _open(path) as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                result.set_aside.append((f"llm:{path}:{i}", "invalid JSON"))
-                continue
-            if not isinstance(record, dict):
-                result.set_aside.append((f"llm:{path}:{i}", "not a JSON object"))
-                continue
-            _add(result, "llm", record.get("id", i), record.get("text"), rubric.llm_score, record.get("score"))
+    for i, record in _json_records(path, result, f"llm:{path}"):
+        _add(result, "llm", record.get("id", i), record.get("text"), rubric.llm_score, record.get("score"))
     return result
 
 

@@ -121,6 +121,16 @@ def read_record(workdir: str, step: int | None = None) -> CheckpointRecord:
         return checkpointer.read_record(checkpointer.pick(step))
 
 
+def check_lm_record(record: CheckpointRecord, where: str) -> None:
+    """A reader of an LM checkpoint needs one that is an LM and says what model and vocabulary
+    it holds; `where` names it in the one-line error."""
+    if record.objective != "lm":
+        raise errors.UserError(f"{where} is a {record.objective or 'unknown'} checkpoint, not an LM")
+    if record.model_config is None or record.vocabulary is None:
+        raise errors.UserError(f"{where} was written before checkpoints recorded their model and vocabulary; "
+                               "resume it with `safejax train` to write a new one")
+
+
 def check_compatible(saved: dict, expected: dict, directory: str) -> None:
     """One-line error when a checkpoint holds another model than the config describes."""
     diffs = [f"{k}={saved.get(k)!r} (config: {v!r})" for k, v in expected.items() if saved.get(k) != v]

@@ -22,7 +22,7 @@ import gin
 from safejax import config, errors
 from safejax import vocab as vocab_lib
 from safejax.models.decoder import DecoderConfig
-from safejax.train.checkpoint import Checkpointer, CheckpointRecord
+from safejax.train.checkpoint import Checkpointer, CheckpointRecord, check_lm_record
 
 
 @gin.configurable
@@ -45,11 +45,7 @@ def source_record(workdir: str, step: int | None) -> tuple[int, CheckpointRecord
     with Checkpointer(workdir, read_only=True) as checkpointer:
         step = checkpointer.pick(step)
         record = checkpointer.read_record(step)
-    if record.objective != "lm":
-        raise errors.UserError(f"--from {workdir}: step {step} is a {record.objective or 'unknown'} checkpoint, not an LM")
-    if record.model_config is None or record.vocabulary is None:
-        raise errors.UserError(f"--from {workdir}: step {step} does not record its model and vocabulary; "
-                               "resume it with `safejax train` to write a checkpoint that does")
+    check_lm_record(record, f"--from {workdir}: step {step}")
     return step, record
 
 
