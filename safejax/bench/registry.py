@@ -12,6 +12,7 @@ BENCHMARKS = {  # name -> (module, what it measures)
     "sample": ("safejax.bench.sample", "decoding tokens/s of every strategy"),
     "data": ("safejax.bench.data", "input-pipeline tokens/s, raw corpus vs the safety mixture"),
     "score": ("safejax.bench.score", "classifier windows/s and tokens/s, the full-corpus estimate"),
+    "synth": ("safejax.bench.synth", "synthesis records/s: endpoint client at concurrency 1 and 32, template with and without the gate"),
 }
 
 
