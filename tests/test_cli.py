@@ -176,3 +176,12 @@ def test_bench_help_lists_every_benchmark(capsys):
         cli.main(["bench", "--help"])
     out = capsys.readouterr().out
     assert all(name in out for name in ("train", "sample", "data", "score"))
+
+
+@pytest.mark.parametrize("lines", [[], ['{"id": "a"}', "{torn"]])
+def test_an_empty_corpus_is_a_one_line_error(capsys, tmp_path, lines):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(line + "\n" for line in lines))
+    code, err = _main(capsys, f"--workdir={tmp_path / 'run'}", f"--gin.jsonl_lm_task.files=['{corpus}']",
+                      "--gin.DataConfig.eval_batches=0")
+    assert code == 2 and len(err) == 1 and "has no training examples" in err[0], err

@@ -115,10 +115,13 @@ def _iterate(ds: tf.data.Dataset, task: str) -> Iterator[dict[str, np.ndarray]]:
 
 
 def train_batches(cfg: DataConfig, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Endless per-process batches, starting after the first `start` batches of the stream."""
+    """Endless per-process batches, starting after the first `start` batches of the stream; a
+    stream with nothing in it (every record empty or set aside) is a UserError, not the end."""
     tag_id = _tag_id(cfg)
     for batch in _iterate(_dataset(cfg, "train", train=True).skip(start), cfg.task):
         yield _to_model_features(batch, tag_id)
+    raise errors.UserError(f"data {cfg.task!r} has no training examples: its files are empty or every "
+                           "record was set aside (see the quarantine file in the workdir)")
 
 
 def in_background(iterator: Iterator, buffer: int = 2) -> Iterator:
