@@ -27,6 +27,16 @@ def _add_gin_args(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(takes_gin=True)
 
 
+def _add_endpoint_args(parser: argparse.ArgumentParser) -> None:
+    """The OpenAI-compatible endpoint that `label` and `synth` call (safety/openai_client.py)."""
+    parser.add_argument("--base_url", help="endpoint, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--model", help="model name the endpoint serves")
+    parser.add_argument("--api_key_env", help="environment variable holding the API key")
+    parser.add_argument("--concurrency", type=int, help="requests in flight at once")
+    parser.add_argument("--timeout_s", type=float, help="seconds to wait on the endpoint per attempt")
+    parser.add_argument("--max_retries", type=int, help="retries on 429, 5xx and timeouts")
+
+
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a `safejax train` workdir (config.gin + checkpoints/)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
@@ -84,8 +94,7 @@ def cmd_label(args, bindings) -> int:
     from safejax import config
     from safejax.safety import labeler
 
-    flags = {name: getattr(args, name) for name in labeler.FLAG_BINDINGS}
-    config.parse(["label/default.gin", *args.gin_file], bindings + labeler.flag_bindings(flags))
+    config.parse(["label/default.gin", *args.gin_file], bindings + config.flag_bindings(args, labeler.FLAG_BINDINGS))
     summary = labeler.run(args.input, args.output)
     print(json.dumps(summary))
     if summary["failed"]:
@@ -106,8 +115,7 @@ def cmd_synth(args, bindings) -> int:
     from safejax import config
     from safejax.synth import run as synth
 
-    flags = {name: getattr(args, name) for name in synth.FLAG_BINDINGS}
-    config.parse(["synth/default.gin", *args.gin_file], bindings + synth.flag_bindings(flags))
+    config.parse(["synth/default.gin", *args.gin_file], bindings + config.flag_bindings(args, synth.FLAG_BINDINGS))
     if args.beam:
         from safejax.synth import beam
 
@@ -337,12 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--input", nargs="+", required=True, help="JSONL(.gz) files or globs with id, text")
     lab.add_argument("--output", required=True, help="directory for labels.jsonl (also the cache), "
                                                      "invalid.jsonl, failed.jsonl, quarantine.jsonl")
-    lab.add_argument("--base_url", help="endpoint, e.g. http://127.0.0.1:8000/v1")
-    lab.add_argument("--model", help="model name the endpoint serves")
-    lab.add_argument("--api_key_env", help="environment variable holding the API key")
-    lab.add_argument("--concurrency", type=int, help="requests in flight at once")
-    lab.add_argument("--timeout_s", type=float, help="seconds to wait on the endpoint per attempt")
-    lab.add_argument("--max_retries", type=int, help="retries on 429, 5xx and timeouts")
+    _add_endpoint_args(lab)
     lab.add_argument("--prompt_file", help="the rubric prompt (default configs/label/rubric.md)")
     lab.set_defaults(run=cmd_label)
 
@@ -361,12 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--score_range", type=_score_range, help="LOW-HIGH (default 1-3 rephrase, 4-5 refuseweb)")
     syn.add_argument("--classifier", help="safety classifier (classifier-train workdir or export): the quality "
                                           "gate, and the template backend's sentence filter")
-    syn.add_argument("--base_url", help="endpoint, e.g. http://127.0.0.1:8000/v1")
-    syn.add_argument("--model", help="model name the endpoint serves")
-    syn.add_argument("--api_key_env", help="environment variable holding the API key")
-    syn.add_argument("--concurrency", type=int, help="endpoint requests in flight at once")
-    syn.add_argument("--timeout_s", type=float, help="seconds to wait on the endpoint per attempt")
-    syn.add_argument("--max_retries", type=int, help="retries on 429, 5xx and timeouts")
+    _add_endpoint_args(syn)
     syn.add_argument("--beam", action="store_true", help="run as an Apache Beam pipeline, one input file per "
                                                          "worker task; its options go after -- (default DirectRunner)")
     syn.set_defaults(run=cmd_synth)

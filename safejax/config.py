@@ -85,6 +85,13 @@ def split_gin_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
     return bindings, rest
 
 
+def flag_bindings(args, bindings_of: dict[str, str]) -> list[str]:
+    """gin bindings for the command-line flags that were given: flag name -> the parameter it
+    sets (a flag left at None is not given, and the gin files' value stands)."""
+    return [f"{binding} = {getattr(args, name)!r}" for name, binding in bindings_of.items()
+            if getattr(args, name) is not None]
+
+
 def write_effective_config(workdir: str) -> str:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.gin")

@@ -89,11 +89,6 @@ class LabelConfig:
             raise errors.UserError("LabelConfig.repair_message must contain {error}")
 
 
-def flag_bindings(flags: dict) -> list[str]:
-    """gin bindings for the CLI flags that were given (None: not given)."""
-    return [f"{FLAG_BINDINGS[name]} = {value!r}" for name, value in flags.items() if value is not None]
-
-
 # --- the prompt and the reply ----------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

@@ -96,11 +96,6 @@ class SynthConfig:
             raise errors.UserError(f"SynthConfig.reject_at has an unknown job {sorted(unknown)[0]!r}")
 
 
-def flag_bindings(flags: dict) -> list[str]:
-    """gin bindings for the CLI flags that were given (None: not given)."""
-    return [f"{FLAG_BINDINGS[name]} = {value!r}" for name, value in flags.items() if value is not None]
-
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything a run needs besides its inputs, picklable (the Beam job ships it to workers)."""
