@@ -50,25 +50,31 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
             gin.parse_config_file(path)
         except (ValueError, KeyError, SyntaxError, OSError, TypeError) as e:
             raise errors.UserError(f"in gin file {path}: {_one_line(e)}") from e
+    defined = _macros(gin.config_str())
     for binding in bindings:
         try:
             gin.parse_config(binding)
         except (ValueError, KeyError, SyntaxError, TypeError) as e:
             raise errors.UserError(f"in binding '{binding}': {_one_line(e)}") from e
-    _check_macros_are_used(bindings)
+    _check_new_macros_are_read(bindings, defined)
 
 
-def _check_macros_are_used(bindings: Sequence[str]) -> None:
-    """A bound macro nothing reads (a misspelt --gin.TRAIN_STEP=5) would be silently ignored by
-    gin: it is an error naming the macros that are read."""
+def _macros(text: str) -> set[str]:
+    """Names of the macros a gin config string defines (its top-level `NAME = value` lines)."""
+    return set(re.findall(r"(?m)^([A-Za-z_][A-Za-z0-9_]*) = ", text))
+
+
+def _check_new_macros_are_read(bindings: Sequence[str], defined: set[str]) -> None:
+    """A binding that makes up a macro no gin file defines and nothing reads (a misspelt
+    --gin.TRAIN_STEP=5) would be silently ignored by gin: it is an error with a did-you-mean."""
     text = gin.config_str()
-    used = set(re.findall(r"%([A-Za-z_][A-Za-z0-9_.]*)", text))
+    used = set(re.findall(r"%([A-Za-z_][A-Za-z0-9_]*)", text))
     for binding in bindings:
         name = binding.split("=", 1)[0].strip()
-        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and name not in used:
-            close = difflib.get_close_matches(name, sorted(used), n=1)
+        if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and name not in defined | used:
+            close = difflib.get_close_matches(name, sorted(defined | used), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
-            raise errors.UserError(f"in binding '{binding}': no configuration reads the macro {name}{hint}")
+            raise errors.UserError(f"in binding '{binding}': no gin file defines or reads the macro {name}{hint}")
 
 
 def split_gin_args(args: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -25,7 +25,7 @@ def _main(capsys, *args):
     (["--gin.NoSuchThing.x=1"], "No configurable matching 'NoSuchThing'"),
     (["--gin.TRAIN_STEPS='many'"], "TRAIN_STEPS must be a positive integer, got 'many'"),
     (["--gin.TRAIN_STEPS=1)"], "in binding 'TRAIN_STEPS = 1)'"),
-    (["--gin.TRAIN_STEP=5"], "no configuration reads the macro TRAIN_STEP; did you mean TRAIN_STEPS?"),
+    (["--gin.TRAIN_STEP=5"], "no gin file defines or reads the macro TRAIN_STEP; did you mean TRAIN_STEPS?"),
     (["--gin.MESH_SHAPE=(3,1,1)"], "MESH_SHAPE (3, 1, 1) needs 3 devices but 8 are available"),
     (["--gin.MESH_SHAPE=(2,2,2)", "--gin.BATCH_SIZE=6"], "global batch 6 is not divisible by the 4 data shards"),
     (["--gin.jsonl_lm_task.files=['/nonexistent/corpus.jsonl']"], "corpus file not found: /nonexistent/corpus.jsonl"),
