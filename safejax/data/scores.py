@@ -94,9 +94,11 @@ def read_scores(patterns: Sequence[str] | str, field: str = "score",
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = sources.loads(line)
                 except json.JSONDecodeError as e:
                     raise errors.UserError(f"score shard {path} line {line_no}: bad JSON ({e.msg})") from e
+                except sources.LoneSurrogate as e:
+                    raise errors.UserError(f"score shard {path} line {line_no}: {e}") from e
                 doc_id, score = check_score_record(record, path, line_no)
                 if field != "score":
                     score = int(np.searchsorted(cuts, continuous_value(record, field, path, line_no), side="right"))

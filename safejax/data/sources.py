@@ -17,6 +17,7 @@ import glob
 import gzip
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -119,16 +120,66 @@ def validate(record, kind: str, scored: bool = False) -> tuple[str, str] | None:
     return problem
 
 
+class LoneSurrogate(ValueError):
+    """A JSON string escape of half a UTF-16 pair (`"\\ud800"`): valid JSON, but the string it
+    gives cannot be encoded as UTF-8, so every later step that writes or tokenizes it fails."""
+
+    def __init__(self, field: str):
+        super().__init__(f"lone surrogate escape in {field}")
+        self.field = field
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # where one can come from; pairs match too
+
+
+def encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate_field(value, where: str) -> str | None:
+    """The path (`turns[0].text`) of the first string in a parsed JSON value that UTF-8 cannot hold."""
+    if isinstance(value, str):
+        return None if encodable(value) else where or "the value"
+    if isinstance(value, list):
+        items = ((f"{where}[{i}]", item) for i, item in enumerate(value))
+    elif isinstance(value, dict):
+        if not all(encodable(key) for key in value):
+            return f"a key of {where or 'the record'}"
+        items = ((f"{where}.{key}" if where else key, item) for key, item in value.items())
+    else:
+        return None
+    return next((found for inner, item in items if (found := _lone_surrogate_field(item, inner))), None)
+
+
+def loads(line: bytes | str):
+    """json.loads for every JSONL reader: also refuses (LoneSurrogate, naming the field) a value
+    that UTF-8 cannot hold, so no reader hands such a string on. Only lines with a surrogate
+    escape are searched."""
+    text = line.decode("utf-8") if isinstance(line, bytes) else line
+    value = json.loads(text)
+    if _SURROGATE_ESCAPE.search(text):
+        field = _lone_surrogate_field(value, "")
+        if field:
+            raise LoneSurrogate(field)
+    return value
+
+
 def parse_json_line(raw: bytes, path: str, line: int, kind: str = "text",
                     scored: bool = False) -> dict | None:
     """A valid record with an `id` (default FILE:LINE), or None after quarantining the line."""
     try:
-        record = json.loads(raw.decode("utf-8"))
+        record = loads(raw)
         problem = validate(record, kind, scored)
     except UnicodeDecodeError as e:
         problem = "invalid_utf8", f"byte {e.start}"
     except json.JSONDecodeError as e:
         problem = "bad_json", f"{e.msg} at column {e.colno}"
+    except LoneSurrogate as e:
+        problem = "lone_surrogate", e.field
     if problem:
         reason, detail = problem
         QUARANTINE.add(reason, (path, line), file=path, line=line, detail=detail, raw=raw_text(raw))

@@ -161,9 +161,11 @@ def load_labeled_file(path: str) -> list[Document]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = sources.loads(line)
             except json.JSONDecodeError as e:
                 raise errors.UserError(f"{path} line {line_no}: bad JSON ({e.msg})") from e
+            except sources.LoneSurrogate as e:
+                raise errors.UserError(f"{path} line {line_no}: {e}") from e
             if (not isinstance(record, dict) or not isinstance(record.get("text"), str)
                     or not sources.is_score(record.get("score"))):
                 raise errors.UserError(f"{path} line {line_no}: expected {{\"id\", \"text\", \"score\" 0-5}}")

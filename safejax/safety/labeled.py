@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 import gin
 
 from safejax import errors
+from safejax.data import sources
 from safejax.safety import rubric
 
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "labeled")
@@ -112,9 +113,12 @@ def _json_records(path: str, result: LoadResult, where: str) -> Iterator[tuple[i
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = sources.loads(line)
             except json.JSONDecodeError:
                 result.set_aside.append((f"{where}:{i}", "invalid JSON"))
+                continue
+            except sources.LoneSurrogate as e:
+                result.set_aside.append((f"{where}:{i}", str(e)))
                 continue
             if not isinstance(record, dict):
                 result.set_aside.append((f"{where}:{i}", "not a JSON object"))

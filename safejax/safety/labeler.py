@@ -135,6 +135,8 @@ def _unique_keys(pairs: list[tuple]) -> dict:
 def parse_reply(reply: str) -> tuple[int, str]:
     """(score, reason) from a reply, strictly: anything but the exact object raises InvalidReply."""
     text = reply.strip()
+    if not sources.encodable(text):  # half a UTF-16 pair: labels.jsonl could not hold it
+        raise InvalidReply("the reply holds a lone surrogate")
     fenced = _FENCE.fullmatch(text)
     if fenced:
         text = fenced.group(1).strip()
@@ -142,6 +144,8 @@ def parse_reply(reply: str) -> tuple[int, str]:
         obj = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise InvalidReply(f"not JSON ({e.msg} at character {e.pos})") from None
+    if not sources.encodable(json.dumps(obj, ensure_ascii=False)):
+        raise InvalidReply("the reply's JSON holds a lone surrogate escape")
     if not isinstance(obj, dict):
         raise InvalidReply(f"expected a JSON object, got {type(obj).__name__}")
     if set(obj) != {"score", "reason"}:

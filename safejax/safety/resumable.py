@@ -89,7 +89,10 @@ class OutputDir:
 
     def append(self, name: str, record: dict) -> None:
         f = self._files[name]
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        line = json.dumps(record, ensure_ascii=False)
+        if not sources.encodable(line):  # a model's raw reply with half a UTF-16 pair: kept escaped
+            line = json.dumps(record)
+        f.write(line + "\n")
         f.flush()
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 
+from safejax.data import sources
 from safejax.safety.openai_client import Reply
 
 _FENCE = re.compile(r"```[a-z]*\s*\n?(.*?)\n?\s*```", re.DOTALL)
@@ -39,6 +40,8 @@ def _text(reply: Reply) -> str:
     if reply.finish_reason == "length":
         raise InvalidOutput("the reply was cut off by max_tokens (finish_reason length)")
     text = reply.content.strip()
+    if not sources.encodable(text):  # half a UTF-16 pair: no file could hold the output
+        raise InvalidOutput("the reply holds a lone surrogate")
     fenced = _FENCE.fullmatch(text)
     if fenced:
         text = fenced.group(1).strip()
@@ -80,9 +83,11 @@ def check_turns(turns) -> list[dict]:
 def parse_dialogue(reply: Reply) -> list[dict]:
     text = _text(reply)
     try:
-        obj = json.loads(text)
+        obj = sources.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidOutput(f"not JSON ({e.msg} at character {e.pos})") from None
+    except sources.LoneSurrogate as e:
+        raise InvalidOutput(str(e)) from None
     if not isinstance(obj, dict) or set(obj) != {"turns"}:
         raise InvalidOutput('expected exactly the object {"turns": [...]}')
     return check_turns(obj["turns"])

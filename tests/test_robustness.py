@@ -1,0 +1,107 @@
+"""Faults a demanding user or an adversary meets (issue 20): bad text, damaged checkpoints, a
+full disk, bad configuration, signals, huge seeds, replayed metrics, a cut-short gzip file.
+
+Each test reproduces the failure first: it fails on the code before its fix.
+"""
+
+import gzip
+import json
+import os
+
+import pytest
+
+from conftest import FAST, TINY
+from safejax import cli, errors
+from safejax.data import scores, sources
+from safejax.data.quarantine import QUARANTINE
+from safejax.safety import documents, labeled, labeler
+
+LONE = '{"id": "s", "text": "abc \\ud800 def"}'  # valid JSON; the string UTF-8 cannot hold
+PAIR = '{"id": "p", "text": "a smile \\ud83d\\ude00 here"}'  # an escaped pair is a real character
+
+
+def _lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+# ---- 1. a lone surrogate escape is set aside where it is read -------------------------------
+
+def test_lone_surrogate_is_quarantined_with_file_and_line(tmp_path):
+    path = _lines(tmp_path / "s.jsonl", [PAIR, LONE, '{"id": "d", "turns": [{"role": "user", "text": "\\udfff"}]}'])
+    QUARANTINE.reset()
+    assert [r["id"] for r in sources.iter_records([path])] == ["p"]
+    assert [r["id"] for r in sources.iter_records([path], kind="dialogue")] == []
+    assert QUARANTINE.counts()["lone_surrogate"] == 2  # lines 2 and 3, each once
+    with pytest.raises(sources.LoneSurrogate, match=r"turns\[0\]\.text"):
+        sources.loads(b'{"turns": [{"role": "user", "text": "\\udfff"}]}')
+    with pytest.raises(sources.LoneSurrogate, match="a key of the record"):
+        sources.loads('{"\\ud800": 1}')
+
+
+def test_lone_surrogate_in_the_tf_data_reader_is_set_aside(tmp_path):
+    path = _lines(tmp_path / "s.jsonl", [PAIR, LONE])
+    QUARANTINE.reset()
+    ds = sources.JsonlDataSource([path], validation_permille=0).get_dataset("train", shuffle=False)
+    assert [x["id"] for x in ds.as_numpy_iterator()] == [b"p"]
+    assert QUARANTINE.counts() == {"lone_surrogate": 1}
+
+
+def test_data_stats_sets_a_lone_surrogate_aside(tmp_path, capsys):
+    path = _lines(tmp_path / "s.jsonl", [PAIR, LONE])
+    quarantine = tmp_path / "q.jsonl"
+    assert cli.main(["data", "stats", "raw", f"--gin.CORPUS=['{path}']", "--quarantine", str(quarantine)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["documents"] == 1, report
+    [entry] = [json.loads(line) for line in open(quarantine)]
+    assert (entry["reason"], entry["file"], entry["line"], entry["detail"]) == ("lone_surrogate", path, 2, "text")
+
+
+def test_train_on_a_lone_surrogate_only_corpus_is_a_one_line_error(tmp_path, capsys):
+    path = _lines(tmp_path / "s.jsonl", [LONE])
+    code = cli.main(["train", f"--gin_file={TINY}", f"--workdir={tmp_path / 'run'}",
+                     *[f"--gin.{b.replace(' ', '')}" for b in FAST], f"--gin.jsonl_lm_task.files=['{path}']",
+                     "--gin.DataConfig.eval_batches=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "has no training examples" in err[0], err
+
+
+def test_labeled_readers_set_aside_or_refuse_a_lone_surrogate(tmp_path):
+    path = _lines(tmp_path / "l.jsonl", [json.dumps({"id": "a", "text": "fine", "score": 1}),
+                                          LONE[:-1] + ', "score": 2}'])
+    result = labeled.load_llm_labels(path)
+    assert [e.text for e in result.examples] == ["fine"]
+    assert result.set_aside == [(f"llm:{path}:2", "lone surrogate escape in text")]
+    with pytest.raises(errors.UserError, match="line 2: lone surrogate escape in text"):
+        documents.load_labeled_file(path)
+    with pytest.raises(errors.UserError, match="line 1: lone surrogate escape in id"):
+        scores.read_scores(_lines(tmp_path / "scores.jsonl", ['{"id": "\\ud800", "score": 1}']))
+
+
+@pytest.mark.parametrize("reply", ['{"score": 1, "reason": "\\ud800"}', '{"score": 1, "reason": "x\ud800"}'])
+def test_a_reply_with_a_lone_surrogate_is_invalid(reply):
+    with pytest.raises(labeler.InvalidReply, match="lone surrogate"):
+        labeler.parse_reply(reply)
+
+
+def test_label_never_sends_a_lone_surrogate_and_keeps_its_labels(tmp_path, monkeypatch):
+    from test_labeler import MODEL, FakeLLM
+    from safejax.safety.openai_client import ChatClient, ChatEndpoint
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    fake = FakeLLM()
+    try:
+        path = _lines(tmp_path / "in.jsonl", [json.dumps({"id": "a", "text": "plain score=2"}), LONE])
+        out = tmp_path / "out"
+        for run in range(2):
+            client = ChatClient(ChatEndpoint(base_url=fake.url, model=MODEL, timeout_s=5, max_retries=0))
+            summary = labeler.label_files([path], str(out), client, labeler.LabelConfig(progress_bar=False))
+            assert (summary["bad_input"], summary["labeled"] + summary["cached"]) == (1, 1)
+        assert fake.requests == 1  # one text paid once; the bad one never sent
+        [label] = [json.loads(line) for line in open(out / "labels.jsonl")]
+        assert (label["id"], label["score"]) == ("a", 2)
+        [entry] = [json.loads(line) for line in open(out / "quarantine.jsonl")]
+        assert (entry["reason"], entry["line"]) == ("lone_surrogate", 2)
+    finally:
+        fake.server.shutdown()
+        fake.server.server_close()
