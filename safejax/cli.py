@@ -164,7 +164,8 @@ def cmd_score(args, bindings) -> int:
     from safejax import parallel
 
     parallel.initialize_distributed()
-    options = dict(batch_size=args.batch_size, overlap=args.overlap, dtype=args.dtype, rule=args.rule)
+    options = dict(batch_size=args.batch_size, overlap=args.overlap, dtype=args.dtype, rule=args.rule,
+                   cascade=args.cascade == "on")
     if args.beam:
         from safejax.safety import scoring_beam
 
@@ -396,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--rule", choices=("calibrated", "max"), default=None,
                        help="document rule (default: the checkpoint's, calibrated; max: the paper's highest "
                             "window, recall first; safety/windows.py)")
+    score.add_argument("--cascade", choices=("on", "off"), default="on",
+                       help="the checkpoint's cascade, where it has one: its first encoder layers clear clearly "
+                            "safe windows at a miss rate fitted on validation (safety/cascade.py); off scores "
+                            "every window with the whole encoder")
     score.add_argument("--beam", action="store_true", help="run as an Apache Beam pipeline; its options "
                                                           "go after -- (default DirectRunner)")
     score.set_defaults(run=cmd_score)
@@ -453,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--role_markers", nargs=3, metavar=("USER", "ASSISTANT", "END_OF_TURN"),
                      help="the tokenizer's own special tokens to use as the dialogue role markers")
     imp.set_defaults(run=cmd_import)
+
+    from safejax.evals import cli as eval_cli  # safejax eval (its parser lives with the evals)
+    eval_cli.add_parser(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its figures as JSON lines")
     from safejax.bench.registry import BENCHMARKS
