@@ -43,6 +43,10 @@ setup(
         # transformers and a CPU torch only prove HF parity in tests (interop/ needs neither at run
         # time); torch 2.13.0 resolves to the CPU wheel from the machines' local wheel folder.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6"],
+        # Accelerator builds of the jax that safejax pins (README "Installs"); the second pins are
+        # the ones jax's own extra names (tests/test_installs.py checks they agree).
+        "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.*"],  # TPU VMs: pip install -e '.[tpu]'
+        "cuda": ["jax[cuda12]==0.10.2", "jax-cuda12-plugin[with-cuda]==0.10.2"],  # CUDA 12 GPU nodes
     },
     entry_points={"console_scripts": ["safejax=safejax.cli:run"]},
 )
