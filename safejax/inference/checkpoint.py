@@ -46,21 +46,23 @@ def parse_config(workdir: str, gin_files=(), bindings=()) -> None:
 
 
 def load(workdir: str, step: int | None = None, vocab_path: str | None = None) -> Loaded:
-    """Loads the params of `step` (default: the latest) as its checkpoint record describes them:
-    its shapes, the training length and the vocabulary (`vocab_path` may point at a copy
-    of it; a file with other content is refused)."""
+    """Loads the params of `step` (default: the newest intact one, train/checkpoint.Checkpointer.open)
+    as its checkpoint record describes them: its shapes, the training length and the vocabulary
+    (`vocab_path` may point at a copy of it; a file with other content is refused)."""
     mesh, rules = parallel.build_mesh(), parallel.logical_rules()
+    cfg = DecoderConfig()  # config.gin's, with the user's numerics (dtype, query_block); shapes checked
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    shapes, shardings = parallel.module_shardings(state, rules, mesh)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     with Checkpointer(workdir, read_only=True) as checkpointer:
-        step = checkpointer.pick(step)
-        record = checkpointer.read_record(step)
-        check_lm_record(record, f"{workdir} step {step}")
-        cfg = DecoderConfig()  # config.gin's, with the user's numerics (dtype, query_block); shapes checked
-        check_compatible(record.fingerprint, {"objective": "lm", **cfg.shape_dict()}, checkpointer.directory)
-        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-        graphdef, state = nnx.split(abstract)
-        shapes, shardings = parallel.module_shardings(state, rules, mesh)
-        params = checkpointer.restore_params(step, jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings))
+        def read(candidate: int):
+            record = checkpointer.read_record(candidate)
+            check_lm_record(record, f"{workdir} step {candidate}")
+            check_compatible(record.fingerprint, {"objective": "lm", **cfg.shape_dict()}, checkpointer.directory)
+            return record, checkpointer.restore_params(candidate, target)
+
+        step, (record, params) = checkpointer.open(read, step)
     state.replace_by_pure_dict(params)
     vocabulary = vocab_lib.load_recorded(record.vocabulary, vocab_path)
     reserved = {k: int(v) for k, v in record.vocabulary["reserved_ids"].items()}

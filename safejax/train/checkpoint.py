@@ -6,12 +6,20 @@ refuses another model before touching any array), the model's whole config, the 
 sequence length, the vocabulary (file, content hash, reserved ids) and, for a finetune, the run
 it started from. Readers (resume, inference, export, eval) open a workdir through `Checkpointer`
 and `read_record`, nothing else.
+
+A damaged step (files missing, arrays cut short: a crash or a full disk mid-write, a bad copy)
+is skipped by `Checkpointer.open` with a warning naming it, and the newest step that reads whole
+is used; a writer moves the damaged steps aside (checkpoints-damaged/) so the run can write
+those steps again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +27,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from safejax import errors
+
+T = TypeVar("T")
+DAMAGED_DIR = "checkpoints-damaged"  # beside checkpoints/: the steps a writer set aside
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +65,7 @@ class Checkpointer:
     """One workdir's checkpoints. `read_only` opens an existing one (no directory is created)."""
 
     def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True, read_only: bool = False):
+        self.read_only = read_only
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         if read_only and not os.path.isdir(self.directory):
             raise errors.UserError(f"{workdir} has no checkpoints/ directory")
@@ -81,6 +93,56 @@ class Checkpointer:
         if step not in steps:
             raise errors.UserError(f"no checkpoint of step {step} in {self.directory}; it has {sorted(steps)}")
         return step
+
+    def open(self, read: Callable[[int], T], step: int | None = None) -> tuple[int, T]:
+        """(step, read(step)) for `step`, or for the newest step that `read` reads whole. A step
+        whose read fails (damage: orbax and TensorStore raise many kinds) is skipped with a warning
+        naming it; a writer moves it aside. A UserError from `read` (another model) is no damage
+        and is raised. The named `step` damaged, or no step intact: a one-line error."""
+        steps = [self.pick(step)] if step is not None else sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            raise errors.UserError(f"no checkpoint in {self.directory}")
+        damaged = []
+        for candidate in steps:
+            try:
+                result = read(candidate)
+            except errors.UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 (see the docstring)
+                reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                if step is not None:
+                    raise errors.UserError(f"checkpoint step {step} in {self.directory} is damaged ({reason})") from e
+                logging.warning("checkpoint step %d in %s is damaged, skipping it (%s)", candidate, self.directory,
+                                reason)
+                damaged.append(candidate)
+                continue
+            if damaged:
+                logging.warning("using checkpoint step %d of %s, the newest intact one", candidate, self.directory)
+                self._set_aside(damaged)
+            return candidate, result
+        raise errors.UserError(f"no intact checkpoint in {self.directory}: steps {sorted(damaged)} are damaged "
+                               "(see the warnings)")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """A writer moves damaged steps out of checkpoints/ (kept for a look, never read again)."""
+        if self.read_only:
+            return
+        if jax.process_index() == 0:
+            aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target = os.path.join(aside, str(step))
+                suffix = 0
+                while os.path.exists(target):
+                    suffix += 1
+                    target = os.path.join(aside, f"{step}.{suffix}")
+                os.replace(os.path.join(self.directory, str(step)), target)
+                logging.warning("moved damaged checkpoint step %d to %s", step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("safejax: damaged checkpoints set aside")
+        self._manager.reload()
 
     def save(self, step: int, state, record: CheckpointRecord, *, force: bool = False) -> None:
         """Starts writing (asynchronously) a checkpoint; refuses to save non-finite values."""
@@ -116,9 +178,9 @@ class Checkpointer:
 
 
 def read_record(workdir: str, step: int | None = None) -> CheckpointRecord:
-    """The record of `step` (default: the latest) of a training workdir."""
+    """The record of `step` (default: the newest intact one) of a training workdir."""
     with Checkpointer(workdir, read_only=True) as checkpointer:
-        return checkpointer.read_record(checkpointer.pick(step))
+        return checkpointer.open(checkpointer.read_record, step)[1]
 
 
 def check_lm_record(record: CheckpointRecord, where: str) -> None:

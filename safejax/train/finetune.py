@@ -43,8 +43,7 @@ def source_record(workdir: str, step: int | None) -> tuple[int, CheckpointRecord
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise errors.UserError(f"--from {workdir}: not a safejax training workdir (no checkpoints/)")
     with Checkpointer(workdir, read_only=True) as checkpointer:
-        step = checkpointer.pick(step)
-        record = checkpointer.read_record(step)
+        step, record = checkpointer.open(checkpointer.read_record, step)
     check_lm_record(record, f"--from {workdir}: step {step}")
     return step, record
 

@@ -58,7 +58,7 @@ def train(workdir: str) -> dict:
 
         def initial_params():
             with Checkpointer(init.workdir, read_only=True) as source:
-                return source.restore_params(step, trainer.abstract_state["params"])
+                return source.open(lambda s: source.restore_params(s, trainer.abstract_state["params"]), step)[1]
     if jax.process_index() == 0:
         config.write_effective_config(workdir)
     QUARANTINE.reset()  # the summary counts this run's records only (and those already in its file)

@@ -148,12 +148,7 @@ class Trainer:
                                   out_shardings=replicated)
 
     def _check_batch(self):
-        dp = parallel.data_parallel_size(self.mesh, self.rules)
-        per_micro, rem = divmod(self.global_batch_size, self.cfg.microbatches)
-        if rem or per_micro % dp:
-            raise errors.UserError(
-                f"global batch {self.global_batch_size} is not divisible by the {dp} data shards "
-                f"x {self.cfg.microbatches} microbatches of the mesh {dict(self.mesh.shape)}")
+        parallel.per_shard_batch(self.global_batch_size, self.cfg.microbatches, self.mesh, self.rules)
 
     # ---- pure functions, compiled in __init__ ----
 
@@ -232,18 +227,21 @@ class Trainer:
     def init_state(self):
         return self._init()
 
-    def resume_point(self, checkpointer: Checkpointer) -> tuple[int | None, int]:
-        """The latest checkpoint step (None: start fresh) and the data position to resume at.
+    def resume(self, checkpointer: Checkpointer) -> tuple[CheckpointRecord, Any] | None:
+        """The record and state of the newest intact checkpoint (damaged newer ones are skipped
+        and set aside, Checkpointer.open), or None: start fresh. Each step's JSON record is read
+        first, so an incompatible checkpoint is refused before any array is touched."""
+        if checkpointer.latest_step() is None:
+            return None
 
-        Reads only the JSON record, so an incompatible checkpoint is refused before any array
-        is touched.
-        """
-        step = checkpointer.latest_step()
-        if step is None:
-            return None, 0
-        record = checkpointer.read_record(step)
-        check_compatible(record.fingerprint, self.objective.fingerprint(), checkpointer.directory)
-        return step, record.data_position
+        def read(step: int):
+            record = checkpointer.read_record(step)
+            check_compatible(record.fingerprint, self.objective.fingerprint(), checkpointer.directory)
+            return record, checkpointer.restore(step, self.abstract_state)[0]
+
+        step, resumed = checkpointer.open(read)
+        logging.info("resumed from step %d in %s", step, checkpointer.directory)
+        return resumed
 
     def load_state(self, checkpointer: Checkpointer, step: int | None, initial_params: Callable | None = None):
         """The state of checkpoint `step`, or a fresh one (its params from `initial_params()`,
@@ -253,9 +251,7 @@ class Trainer:
             if initial_params is not None:
                 state["params"] = initial_params()
             return state
-        state, _ = checkpointer.restore(step, self.abstract_state)
-        logging.info("resumed from step %d in %s", step, checkpointer.directory)
-        return state
+        return checkpointer.open(lambda s: checkpointer.restore(s, self.abstract_state)[0], step)[1]
 
     def compile(self, start_step: int = 0) -> None:
         """Compiles the train step(s) still needed after `start_step` ahead of time (while the
@@ -334,16 +330,14 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
     """
     cfg = trainer.cfg
     checkpointer = Checkpointer(workdir, keep=cfg.keep_checkpoints, asynchronous=cfg.async_checkpoints)
-    resume_step, position = trainer.resume_point(checkpointer)
-    if resume_step is not None:
-        recorded = checkpointer.read_record(resume_step).init_from
-        if recorded != init_from:
-            raise errors.UserError(f"{workdir} was started from {recorded or 'scratch'}, not from "
-                                   f"{init_from or 'scratch'}; use another workdir")
-    batches = batches_from(position)
+    resumed = trainer.resume(checkpointer)
+    if resumed is not None and resumed[0].init_from != init_from:
+        raise errors.UserError(f"{workdir} was started from {resumed[0].init_from or 'scratch'}, not from "
+                               f"{init_from or 'scratch'}; use another workdir")
+    batches = batches_from(resumed[0].data_position if resumed else 0)
     eval_loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="eval_batches")
     eval_future = eval_loader.submit(load_eval_batches)
-    state = trainer.load_state(checkpointer, resume_step, initial_params)
+    state = resumed[1] if resumed else trainer.load_state(checkpointer, None, initial_params)
     start = int(_scalar(state["step"]))
     trainer.compile(start)
     writer = MetricsWriter(workdir)
