@@ -45,12 +45,18 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args, bindings) -> int:
     from safejax import config, parallel
-    from safejax.train import pretrain
+    from safejax.train import plan, pretrain
 
-    parallel.initialize_distributed()
+    if not args.dry_run:
+        parallel.initialize_distributed()
     if not args.gin_file:
         raise errors.UserError("train needs at least one --gin_file (e.g. configs/lm/tiny.gin)")
     config.parse(args.gin_file, bindings)
+    if args.dry_run:  # the plan from the config alone: no devices of the named topology needed
+        print(plan.format_plan(plan.build(args.workdir)))
+        return 0
+    plan.check_composition()
+    plan.check_runtime()
     summary = pretrain.train(args.workdir)
     print(json.dumps(summary))
     return 0
@@ -321,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="pretrain or continue the decoder LM from gin configs")
     _add_gin_args(train)
     train.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, config.gin go here")
+    train.add_argument("--dry-run", action="store_true", help="print the plan (hosts, mesh, batch, steps, "
+                       "checkpoints, the data each mixture member reads) and exit without starting")
     train.set_defaults(run=cmd_train)
 
     tune = sub.add_parser("finetune", help="finetune a trained LM from its parameters (instruction tuning, "

@@ -26,7 +26,11 @@ PUBLISHED_PEAKS = {
 
 
 def published_peak(device: jax.Device) -> float | None:
-    kind = device.device_kind
+    return peak_for_kind(device.device_kind)
+
+
+def peak_for_kind(kind: str) -> float | None:
+    """The published peak of a device kind as JAX names it (also a planned topology's)."""
     for name, peak in PUBLISHED_PEAKS.items():
         if kind.startswith(name):
             return peak

@@ -156,6 +156,17 @@ def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
     return math.prod(mesh.shape[a] for a in names)
 
 
+def per_shard_batch(global_batch_size: int, microbatches: int, mesh, rules: Rules) -> int:
+    """Sequences each data shard holds in one microbatch; an error naming the mesh if the global
+    batch does not split evenly. `mesh` may be abstract (jax.sharding.AbstractMesh: a plan)."""
+    dp = data_parallel_size(mesh, rules)
+    per_micro, rem = divmod(global_batch_size, microbatches)
+    if rem or per_micro % dp:
+        raise errors.UserError(f"global batch {global_batch_size} is not divisible by the {dp} data shards "
+                               f"x {microbatches} microbatches of the mesh {dict(mesh.shape)}")
+    return per_micro // dp
+
+
 def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules,
                          global_batch_size: int) -> dict[str, jax.Array]:
     """Assembles each process's slice of the batch into global arrays sharded over `batch`."""
