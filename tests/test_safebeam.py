@@ -176,3 +176,18 @@ def test_cached_decoder_safe_beam_equals_full_recomputation():
     full = BeamSearcher(recompute_lm(model, 32), TAG).run(prompts, params, (EOS,))
     for a, b in zip(cached, full):
         assert a.tokens == b.tokens and a.score == pytest.approx(b.score, rel=1e-4)
+
+
+def test_min_tokens_and_tag_probability_of_beam_strategies():
+    """Both end after one token unless min_tokens bans the stop; the best hypothesis carries the
+    tag probability of each of its positions (known exactly on the bigram model)."""
+    table = _risky_table()
+    p_tag = np.exp(log_softmax(table)[:, TAG])
+    searcher = BeamSearcher(bigram_lm(table), TAG)
+    beam = SamplingParams(strategy="beam", num_beams=2, max_new_tokens=4, length_penalty=0.0)
+    for params in (beam, beam.replace(strategy="safebeam", expansions=2)):
+        [short] = searcher.run([[2]], [params], (EOS,))
+        [long] = searcher.run([[2]], [params.replace(min_tokens=3)], (EOS,))
+        assert len(short.tokens) == 1 and len(long.tokens) >= 3
+        for out in (short, long):
+            np.testing.assert_allclose(out.tag_probability, p_tag[[2] + out.tokens[:-1]], rtol=1e-5)

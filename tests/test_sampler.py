@@ -192,3 +192,25 @@ def test_bad_sampling_parameters_are_named():
     with pytest.raises(errors.UserError, match="temperature"):
         SamplingParams(strategy="sample", temperature=0.0).validate(64, True)
     assert jax.tree.leaves(SamplingParams().validate(64, True).stop) == []
+
+
+def test_min_tokens_bans_the_stop_token_and_tag_probability_is_exact():
+    """After 5 the text would end at once: min_tokens keeps it going; each new token's position
+    reports p(tag) of the bigram row it was chosen from."""
+    table = random_table(8, seed=2)
+    table[5, EOS] = 20.0
+    table[6, 5] = 20.0
+    sampler = TokenSampler(bigram_lm(table), TAG, chunk_steps=2)
+    params = SamplingParams(max_new_tokens=6)
+    [free] = sampler.run([[6]], [params], (EOS,))
+    [held] = sampler.run([[6]], [params.replace(min_tokens=4)], (EOS,))
+    [never] = sampler.run([[6]], [params.replace(min_tokens=6)], (EOS,))
+    assert (free.tokens, free.finish_reason) == ([5], "stop")
+    assert len(held.tokens) >= 4 and held.tokens[0] == 5 and EOS not in held.tokens
+    assert (len(never.tokens), never.finish_reason) == (6, "length")
+    p_tag = np.exp(log_softmax(table)[:, TAG])
+    for out in (free, held, never):
+        previous = [6] + out.tokens[:-1]
+        np.testing.assert_allclose(out.tag_probability, p_tag[previous], rtol=1e-5)
+    with pytest.raises(Exception, match="min_tokens=7"):
+        params.replace(min_tokens=7).validate(8, True)

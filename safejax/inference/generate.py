@@ -41,6 +41,14 @@ class Completion:
     finish_reason: str  # stop | length | tag
     prompt_tokens: int
     score: float | None = None
+    # p(harm tag) at each new token's position, aligned with `tokens` (None: no tag in the vocabulary)
+    tag_probability: list[float] | None = None
+
+    @property
+    def mean_tag_probability(self) -> float | None:
+        if not self.tag_probability:
+            return None
+        return sum(self.tag_probability) / len(self.tag_probability)
 
 
 @gin.configurable
@@ -169,7 +177,8 @@ class _Texts:
     def finish(self, j: int, out: Output, prompt_tokens: int) -> Completion:
         text, cut = _cut(self.decode(j, out.tokens), self.params[j].stop)
         self._send(j, text)
-        return Completion(text, out.tokens, "stop" if cut else out.finish_reason, prompt_tokens, out.score)
+        return Completion(text, out.tokens, "stop" if cut else out.finish_reason, prompt_tokens, out.score,
+                          out.tag_probability)
 
     def _send(self, j, text):
         upto = len(text)

@@ -32,11 +32,14 @@ class SamplingParams:
       safebeam adds `expansions` (N per beam), `drop_fraction` of the candidates dropped by
       highest lookahead tag probability (`drop_mode = 'random'`: a random fraction, the control),
       and `short_circuit` (stop once the tag is the best beam's most likely next token).
-    The harm tag is never emitted unless `allow_tag`.
+    The harm tag is never emitted unless `allow_tag`. `min_tokens`: the stop tokens (end of text,
+    and end of turn in chat) are banned until that many new tokens are out (= max_new_tokens:
+    never end early); stop strings still end a text.
     """
 
     strategy: str = "greedy"
     max_new_tokens: int = 64
+    min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -70,6 +73,8 @@ class SamplingParams:
 
         need(self.strategy in STRATEGIES, "strategy", f"choose from {', '.join(STRATEGIES)}")
         need(_is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "must be an integer >= 1")
+        need(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_new_tokens, "min_tokens",
+             f"must be an integer in 0..max_new_tokens ({self.max_new_tokens})")
         need(_is_num(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0")
         need(self.strategy != "sample" or self.temperature > 0, "temperature",
              "must be > 0 for strategy 'sample' (0 means greedy)")

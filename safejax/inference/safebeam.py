@@ -34,8 +34,8 @@ import numpy as np
 
 from safejax.inference import lm as lm_lib
 from safejax.inference.params import SamplingParams
-from safejax.inference.sampler import (NEG_INF, Output, batch_bucket, bucket, cache_length, mask_tag, split_keys,
-                                       tag_probability)
+from safejax.inference.sampler import (NEG_INF, Output, ban_stops, batch_bucket, bucket, cache_length, mask_tag,
+                                       split_keys, tag_probability, tag_probability_or_zero)
 
 REASONS = ("stop", "length", "tag")
 
@@ -72,6 +72,7 @@ class BeamSearcher:
         tokens, pad = lm_lib.left_pad(list(prompts) + [[stop_ids[0]]] * (b - n), prompt_len, 0)
         rows = list(params) + [params[0]] * (b - n)
         settings = {"max_new": np.asarray([p.max_new_tokens for p in rows], np.int32),
+                    "min_new": np.asarray([p.min_tokens for p in rows], np.int32),
                     "length_penalty": np.asarray([p.length_penalty for p in rows], np.float32),
                     "drop_fraction": np.asarray([p.drop_fraction for p in rows], np.float32),
                     "seed": np.asarray([p.seed % (1 << 32) for p in rows], np.uint32)}
@@ -79,7 +80,8 @@ class BeamSearcher:
                                            cache_length=prompt_len + capacity + static.expansions,
                                            capacity=capacity))
         return [Output([int(t) for t in best["tokens"][i, :best["length"][i]]], REASONS[best["reason"][i]],
-                       float(best["score"][i])) for i in range(n)]
+                       float(best["score"][i]), None if self.tag_id is None else
+                       [float(p) for p in best["tag_probability"][i, :best["length"][i]]]) for i in range(n)]
 
     def _search_fn(self, params, tokens, pad, settings, *, static, cache_length, capacity):
         b, k = tokens.shape[0], static.beams
@@ -88,9 +90,10 @@ class BeamSearcher:
             "cache": lm_lib.take_rows(cache, jnp.repeat(jnp.arange(b), k)),
             "logits": jnp.repeat(logits, k, axis=0), "pad": jnp.repeat(pad, k),
             "index": jnp.int32(tokens.shape[1]), "step": jnp.int32(0),
-            "alive": jnp.zeros((b, k, capacity), jnp.int32),
+            "alive": jnp.zeros((b, k, capacity), jnp.int32), "alive_p_tag": jnp.zeros((b, k, capacity), jnp.float32),
             "alive_logp": jnp.tile(jnp.asarray([0.0] + [NEG_INF] * (k - 1)), (b, 1)),
             "best": {"tokens": jnp.zeros((b, capacity), jnp.int32), "length": jnp.zeros(b, jnp.int32),
+                     "tag_probability": jnp.zeros((b, capacity), jnp.float32),
                      "score": jnp.full((b,), NEG_INF), "reason": jnp.zeros(b, jnp.int32)},
             "done": jnp.zeros(b, bool), "keys": jax.vmap(jax.random.key)(settings["seed"]),
         }
@@ -102,16 +105,18 @@ class BeamSearcher:
         b, k, _ = s["alive"].shape
         vocab = s["logits"].shape[-1]
         logp = jax.nn.log_softmax(s["logits"], axis=-1)
+        p_tag = tag_probability_or_zero(s["logits"], static.tag_id).reshape(b, k)
         if static.short_circuit:
             s = self._short_circuit(s, logp, settings)
         if not static.allow_tag:
             logp = mask_tag(logp, static.tag_id)
+        logp = ban_stops(logp, jnp.repeat(s["step"] < settings["min_new"], k), static.stop_ids)
         if static.expansions == 0:
             vals, parent, token = _beam_candidates(s["alive_logp"], logp.reshape(b, k, vocab), static.stop_ids)
             keep, choice = jnp.isfinite(vals), None
         else:
             s, vals, parent, choice, token, keep, lookahead = self._safe_candidates(params, s, logp, settings, static)
-        s, alive_pick = self._select(s, vals, parent, token, keep, settings, static)
+        s, alive_pick = self._select(s, vals, parent, token, keep, p_tag, settings, static)
         # Reorder the caches (and logits) to the new beams, then feed their last token.
         rows = (jnp.arange(b)[:, None] * k + jnp.take_along_axis(parent, alive_pick, axis=1)).reshape(-1)
         if choice is None:
@@ -146,12 +151,15 @@ class BeamSearcher:
         s = {**s, "cache": cache, "keys": keys}
         return s, vals, parent, choice, token, keep, lookahead.reshape(b, k * n, -1)
 
-    def _select(self, s, vals, parent, token, keep, settings, static):
-        """Candidates (b, c) -> the best finished hypothesis and the k alive beams."""
+    def _select(self, s, vals, parent, token, keep, p_tag, settings, static):
+        """Candidates (b, c) -> the best finished hypothesis and the k alive beams (p_tag (b, k):
+        each beam's tag probability at this position)."""
         b, k, _ = s["alive"].shape
         step, length = s["step"], s["step"] + 1
         active = ~s["done"][:, None]
         seqs = jnp.take_along_axis(s["alive"], parent[..., None], axis=1).at[:, :, step].set(token)
+        p_tags = jnp.take_along_axis(s["alive_p_tag"], parent[..., None], axis=1).at[:, :, step].set(
+            jnp.take_along_axis(p_tag, parent, axis=1))
         ends = jnp.isin(token, jnp.asarray(static.stop_ids))
         at_limit = (length >= settings["max_new"])[:, None]
         penalty = (length.astype(jnp.float32) ** settings["length_penalty"])[:, None]
@@ -163,7 +171,7 @@ class BeamSearcher:
         better = top_score > s["best"]["score"]
         top_ends = jnp.take_along_axis(ends, top[:, None], axis=1)[:, 0]
         candidate = {"tokens": seqs[jnp.arange(b), top], "length": jnp.where(top_ends, step, length),
-                     "score": top_score, "reason": jnp.where(top_ends, 0, 1).astype(jnp.int32)}
+                     "tag_probability": p_tags[jnp.arange(b), top], "score": top_score, "reason": jnp.where(top_ends, 0, 1).astype(jnp.int32)}
         best = jax.tree.map(lambda new, old: jnp.where(better.reshape(-1, *[1] * (old.ndim - 1)), new, old),
                             candidate, s["best"])
         alive_vals, alive_pick = jax.lax.top_k(jnp.where(keep & ~ends, vals, NEG_INF), k)
@@ -174,7 +182,9 @@ class BeamSearcher:
                             best_alive / (settings["max_new"].astype(jnp.float32) ** settings["length_penalty"]))
         done = s["done"] | at_limit[:, 0] | ~jnp.isfinite(best_alive) | (best["score"] >= reach)
         alive = jnp.take_along_axis(seqs, alive_pick[..., None], axis=1)
-        return {**s, "alive": alive, "alive_logp": alive_vals, "best": best, "done": done}, alive_pick
+        alive_p_tag = jnp.take_along_axis(p_tags, alive_pick[..., None], axis=1)
+        return {**s, "alive": alive, "alive_p_tag": alive_p_tag, "alive_logp": alive_vals, "best": best,
+                "done": done}, alive_pick
 
     def _short_circuit(self, s, logp, settings):
         """Ends a prompt whose best beam would generate the tag next; its best hypothesis so far
@@ -186,7 +196,7 @@ class BeamSearcher:
         score = s["alive_logp"][jnp.arange(b), best_beam] / jnp.maximum(s["step"], 1).astype(jnp.float32) ** settings["length_penalty"]
         take = hit & (score > s["best"]["score"])
         candidate = {"tokens": s["alive"][jnp.arange(b), best_beam], "length": jnp.broadcast_to(s["step"], (b,)),
-                     "score": score, "reason": jnp.full((b,), 2, jnp.int32)}
+                     "tag_probability": s["alive_p_tag"][jnp.arange(b), best_beam], "score": score, "reason": jnp.full((b,), 2, jnp.int32)}
         best = jax.tree.map(lambda new, old: jnp.where(take.reshape(-1, *[1] * (old.ndim - 1)), new, old),
                             candidate, s["best"])
         return {**s, "best": best, "done": s["done"] | hit}

@@ -29,12 +29,14 @@ NEG_INF = -jnp.inf
 
 @dataclasses.dataclass
 class Output:
-    """One row's result: new token ids (without the stop token), why it ended, and for beam
-    strategies the length-penalised score."""
+    """One row's result: new token ids (without the stop token), why it ended, for beam
+    strategies the length-penalised score, and the harm tag's probability at each new token's
+    position (before that token was chosen; None for a vocabulary without the tag)."""
 
     tokens: list[int]
     finish_reason: str  # stop | length | tag (Safe Beam short-circuit)
     score: float | None = None
+    tag_probability: list[float] | None = None
 
 
 def bucket(n: int, multiple: int) -> int:
@@ -49,6 +51,16 @@ def batch_bucket(n: int) -> int:
 def mask_tag(logits: jax.Array, tag_id: int | None) -> jax.Array:
     """Makes the harm tag impossible to emit."""
     return logits if tag_id is None else logits.at[..., tag_id].set(NEG_INF)
+
+
+def ban_stops(logits: jax.Array, early: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
+    """(b, V) logits with the stop tokens impossible in rows where `early` (min_tokens not reached)."""
+    stops = jnp.asarray(stop_ids)
+    return logits.at[:, stops].set(jnp.where(early[:, None], NEG_INF, logits[:, stops]))
+
+
+def tag_probability_or_zero(logits: jax.Array, tag_id: int | None) -> jax.Array:
+    return jnp.zeros(logits.shape[:-1], jnp.float32) if tag_id is None else tag_probability(logits, tag_id)
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -131,7 +143,8 @@ class TokenSampler:
                     state["done"] = state["done"] | jnp.asarray(stopped)
             if done.all() or steps >= capacity:
                 break
-        return [_output(out[i], stop_ids, params[i].max_new_tokens) for i in range(n)]
+        p_tag = jax.device_get(state["p_tag"]) if self.tag_id is not None else [None] * n
+        return [_output(out[i], stop_ids, params[i].max_new_tokens, p_tag[i]) for i in range(n)]
 
     # ---- compiled ----
 
@@ -140,7 +153,7 @@ class TokenSampler:
         b = tokens.shape[0]
         return {"cache": cache, "logits": logits, "pad": pad, "index": jnp.int32(tokens.shape[1]),
                 "step": jnp.int32(0), "tokens": jnp.zeros((b, capacity), jnp.int32),
-                "done": done, "keys": jax.vmap(jax.random.key)(settings["seed"])}
+                "p_tag": jnp.zeros((b, capacity), jnp.float32), "done": done, "keys": jax.vmap(jax.random.key)(settings["seed"])}
 
     def _advance_fn(self, params, state, settings, steps, *, static):
         capacity = state["tokens"].shape[1]
@@ -159,7 +172,8 @@ class TokenSampler:
     def _step(self, params, s, settings, static):
         keys, sub = split_keys(s["keys"])
         greedy = settings["temperature"] == 0
-        logits = mask_tag(s["logits"], static.tag_id)
+        p_tag = tag_probability_or_zero(s["logits"], self.tag_id)
+        logits = ban_stops(mask_tag(s["logits"], static.tag_id), s["step"] < settings["min_new"], static.stop_ids)
 
         def sampled():
             filtered = jnp.where(greedy[:, None], logits, filter_logits(
@@ -179,7 +193,8 @@ class TokenSampler:
         token = jnp.where(done, 0, token).astype(jnp.int32)
         finished = jnp.isin(token, jnp.asarray(static.stop_ids)) | (s["step"] + 1 >= settings["max_new"])
         return {**s, "cache": cache, "logits": next_logits, "index": s["index"] + 1, "step": s["step"] + 1,
-                "tokens": s["tokens"].at[:, s["step"]].set(token), "done": done | finished, "keys": keys}
+                "tokens": s["tokens"].at[:, s["step"]].set(token), "p_tag": s["p_tag"].at[:, s["step"]].set(p_tag),
+                "done": done | finished, "keys": keys}
 
     def _tag_aware(self, params, s, settings, static, filtered, greedy, sub):
         m = static.candidates
@@ -224,7 +239,7 @@ def _row_settings(params: Sequence[SamplingParams], b: int) -> dict[str, np.ndar
     return {"temperature": pick(lambda p: 0.0 if p.strategy == "greedy" else p.temperature, np.float32),
             "top_k": pick(lambda p: p.top_k, np.int32), "top_p": pick(lambda p: p.top_p, np.float32),
             "tag_threshold": pick(lambda p: p.tag_threshold, np.float32),
-            "max_new": pick(lambda p: p.max_new_tokens, np.int32),
+            "max_new": pick(lambda p: p.max_new_tokens, np.int32), "min_new": pick(lambda p: p.min_tokens, np.int32),
             "seed": pick(lambda p: p.seed % (1 << 32), np.uint32)}
 
 
@@ -237,8 +252,9 @@ def _until_stop(row: np.ndarray, stop_ids: tuple[int, ...], steps: int) -> list[
     return out
 
 
-def _output(row: np.ndarray, stop_ids: tuple[int, ...], max_new: int) -> Output:
+def _output(row: np.ndarray, stop_ids: tuple[int, ...], max_new: int, p_tag: np.ndarray | None) -> Output:
     tokens = _until_stop(row, stop_ids, max_new)
     stopped = len(tokens) < max_new and int(row[len(tokens)]) in stop_ids
-    return Output(tokens, "stop" if stopped else "length")
+    return Output(tokens, "stop" if stopped else "length", None,
+                  None if p_tag is None else [float(x) for x in p_tag[:len(tokens)]])
 

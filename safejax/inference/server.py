@@ -1,42 +1,47 @@
-"""`safejax serve`: an OpenAI-compatible HTTP server over a checkpoint (standard library only).
+"""`safejax serve`: an OpenAI-compatible HTTP server over a checkpoint, on FastAPI and uvicorn.
 
     POST /v1/completions        {"prompt": "...", "max_tokens": 32, "temperature": 0, "stream": true}
     POST /v1/chat/completions   {"messages": [{"role": "user", "content": "..."}], ...}
     GET  /v1/models, GET /health
 
 Steering parameters are extra request fields with the names of SamplingParams (`strategy`,
-`num_beams`, `expansions`, `drop_fraction`, `drop_mode`, `short_circuit`, `tag_filter`, ...).
-Without `strategy`, temperature 0 means greedy and a positive temperature sampling. A
-Safe Beam short-circuit ends with finish_reason "content_filter".
+`num_beams`, `expansions`, `drop_fraction`, `drop_mode`, `short_circuit`, `tag_filter`,
+`min_tokens`, ...; api.py). Without `strategy`, temperature 0 means greedy and a positive
+temperature sampling. A Safe Beam short-circuit ends with finish_reason "content_filter". Each
+choice carries `tag_probability`: the harm tag's probability at each new token's position.
 
-Every request is validated in its own HTTP thread (a bad one gets a 4xx JSON error and never
-reaches the model); valid ones queue for one decoding thread that takes up to `max_batch`
-requests that arrive within `batch_wait_ms` of each other and decodes them as batches.
+Limits (ServerConfig, configs/sample/default.gin): a request body gets `body_timeout_s` to arrive
+and is refused over `max_request_bytes` (413, after it is read); a request costing more than
+`max_request_cost` (scheduler.cost) is refused (400); idle connections close after
+`keep_alive_s`, request headers get `header_timeout_s`; at most `limit_concurrency` open
+connections and a listen backlog of `backlog` (http_guard.py). Every failure is a JSON error of the
+OpenAI shape. The event loop only parses and answers: decoding runs on the scheduler's threads
+(scheduler.py: a short and a long lane, so a short request does not wait behind a long one).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-import http.server
 import json
 import logging
-import queue
+import socket
 import threading
 import time
-import uuid
 
+import fastapi
 import gin
+import uvicorn
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from safejax import errors
-from safejax.inference.generate import Completion, Generator, Request
+from safejax.inference import api, http_guard
+from safejax.inference.generate import Generator
+from safejax.inference.scheduler import ApiError, Job, Scheduler, cost
 
-FINISH = {"stop": "stop", "length": "length", "tag": "content_filter"}
-# Request fields that map to SamplingParams fields of another name.
-RENAMED = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}
-STEERING = ("strategy", "top_k", "num_beams", "length_penalty", "expansions", "drop_fraction", "drop_mode",
-            "short_circuit", "tag_filter", "tag_threshold", "tag_candidates", "allow_tag")
-IGNORED = ("model", "user", "n", "logprobs", "echo", "stream_options", "presence_penalty", "frequency_penalty",
-           "logit_bias", "suffix", "best_of")
+DRAIN_FACTOR = 16  # a body over the limit is read (and dropped) up to this many times the limit
 
 
 @gin.configurable
@@ -47,256 +52,172 @@ class ServerConfig:
     max_batch: int = 8
     batch_wait_ms: int = 5
     max_request_bytes: int = 1 << 20
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
-        super().__init__(message)
-        self.status, self.param = status, param
-
-
-@dataclasses.dataclass
-class _Job:
-    requests: list[Request]
-    events: queue.Queue = dataclasses.field(default_factory=queue.Queue)  # ("text", i, delta) | ("done", x) | ("error", msg)
+    max_request_cost: int = 65536  # prompts x max_tokens x beams x expansions (scheduler.cost)
+    long_request_cost: int = 1024  # above this a request decodes in the long lane
+    body_timeout_s: float = 30.0
+    header_timeout_s: float = 10.0
+    keep_alive_s: float = 5.0
+    max_header_bytes: int = 16384
+    limit_concurrency: int = 256
+    backlog: int = 512
 
 
 class Server:
     def __init__(self, generator: Generator, cfg: ServerConfig | None = None, model_name: str = "safejax"):
         self.generator, self.cfg, self.model_name = generator, cfg or ServerConfig(), model_name
-        self.stats = {"requests": 0, "batches": 0}
-        self._jobs: queue.Queue = queue.Queue()
-        self._http = http.server.ThreadingHTTPServer((self.cfg.host, self.cfg.port), _handler(self))
-        self._http.daemon_threads = True
-        self._threads = [threading.Thread(target=self._decode_loop, name="decode", daemon=True),
-                         threading.Thread(target=self._http.serve_forever, name="http", daemon=True)]
+        self.scheduler = Scheduler(generator, self.cfg.max_batch, self.cfg.batch_wait_ms, self.cfg.long_request_cost)
+        self._socket = socket.create_server((self.cfg.host, self.cfg.port), backlog=self.cfg.backlog)
+        protocol = http_guard.guarded_protocol(self.cfg.header_timeout_s, self.cfg.max_header_bytes,
+                                               self.cfg.limit_concurrency)
+        self._uvicorn = uvicorn.Server(uvicorn.Config(
+            build_app(self), http=protocol, lifespan="off", log_config=None, access_log=False,
+            timeout_keep_alive=self.cfg.keep_alive_s, h11_max_incomplete_event_size=self.cfg.max_header_bytes,
+            timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self._socket]},
+                                        name="http", daemon=True)
 
     @property
     def url(self) -> str:
-        host, port = self._http.server_address[:2]
+        host, port = self._socket.getsockname()[:2]
         return f"http://{host}:{port}"
 
+    @property
+    def stats(self) -> dict:
+        return self.scheduler.stats
+
     def start(self) -> Server:
-        for t in self._threads:
-            t.start()
+        self.scheduler.start()
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._uvicorn.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
         return self
 
     def shutdown(self) -> None:
-        self._http.shutdown()
-        self._http.server_close()
-        self._jobs.put(None)
+        self._uvicorn.should_exit = True
+        self._thread.join(timeout=30)
+        self._socket.close()
+        self.scheduler.close()
 
-    # ---- decoding thread ----
+    async def read_json(self, request: fastapi.Request):
+        """The request body as JSON, read within body_timeout_s and at most max_request_bytes."""
+        limit, timeout = self.cfg.max_request_bytes, self.cfg.body_timeout_s
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit * DRAIN_FACTOR:
+            raise ApiError(413, f"request body over {limit} bytes (Content-Length {declared})", close=True)
 
-    def _decode_loop(self):
+        async def read() -> tuple[bytes, int]:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size <= limit:
+                    chunks.append(chunk)
+                elif size > limit * DRAIN_FACTOR:
+                    break
+            return b"".join(chunks), size
+
+        try:
+            body, size = await asyncio.wait_for(read(), timeout)
+        except TimeoutError:
+            raise ApiError(408, f"request body not received within {timeout}s (Content-Length {declared})",
+                           close=True) from None
+        if size > limit:
+            raise ApiError(413, f"request body over {limit} bytes", close=True)
+        try:
+            return json.loads(body or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}") from None
+
+    async def complete(self, request: fastapi.Request, chat: bool):
+        requests, stream = api.parse(self.generator, chat, await self.read_json(request))
+        price = cost(requests[0].params, len(requests))
+        if price > self.cfg.max_request_cost:
+            raise ApiError(400, f"request cost {price} (prompts x max_tokens x beams x expansions) exceeds the "
+                                f"server's ceiling of {self.cfg.max_request_cost}", "max_tokens")
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        self.scheduler.submit(Job(requests, price, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)))
+        responses = api.Responses(self.model_name, chat, stream)
+        if stream:
+            return StreamingResponse(_sse(responses, events), headers={"content-type": "text/event-stream",
+                                                                       "cache-control": "no-cache"})
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            jobs = [job]
-            deadline = time.monotonic() + self.cfg.batch_wait_ms / 1000
-            while sum(len(j.requests) for j in jobs) < self.cfg.max_batch:
-                try:
-                    more = self._jobs.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._jobs.put(None)
-                    break
-                jobs.append(more)
-            self._decode(jobs)
+            kind, *rest = await events.get()
+            if kind == "done":
+                return JSONResponse(responses.whole(rest[0]))
+            if kind == "error":
+                raise rest[0]
 
-    def _decode(self, jobs: list[_Job]):
-        owners = [(job, i) for job in jobs for i in range(len(job.requests))]
-        requests = [r for job in jobs for r in job.requests]
-        self.stats["batches"] += 1
-        self.stats["requests"] += len(requests)
 
-        def on_text(k, delta):
-            job, i = owners[k]
-            job.events.put(("text", i, delta))
+async def _sse(responses: api.Responses, events: asyncio.Queue):
+    def event(payload: dict) -> bytes:
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
-        try:
-            completions = self.generator.run(requests, on_text)
-        except errors.UserError as e:
-            for job in jobs:
-                job.events.put(("error", HTTPError(400, str(e))))
-            return
-        except Exception as e:  # a bug must not take the server down
-            logging.exception("decoding failed")
-            for job in jobs:
-                job.events.put(("error", HTTPError(500, f"internal error: {type(e).__name__}")))
-            return
-        start = 0
-        for job in jobs:
-            job.events.put(("done", completions[start:start + len(job.requests)]))
-            start += len(job.requests)
-
-    def submit(self, requests: list[Request]) -> _Job:
-        job = _Job(requests)
-        self._jobs.put(job)
-        return job
-
-    # ---- requests ----
-
-    def parse(self, path: str, body: dict) -> tuple[list[Request], bool]:
-        """Validated requests (one per prompt) and whether to stream; HTTPError 400 otherwise."""
-        chat = path == "/v1/chat/completions"
-        known = {"prompt", "messages", "stream", "temperature", "top_p", "seed", "stop", *RENAMED, *STEERING, *IGNORED}
-        unknown = sorted(set(body) - known)
-        if unknown:
-            raise HTTPError(400, f"unknown request field(s): {', '.join(unknown)}", unknown[0])
-        if (body.get("n") or 1) != 1 or (body.get("best_of") or 1) != 1:
-            raise HTTPError(400, "only n = 1 is supported", "n")
-        # OpenAI clients send null for fields they leave unset: those keep the defaults.
-        overrides = {RENAMED.get(k, k): v for k, v in body.items() if v is not None and
-                     (k in RENAMED or k in STEERING or k in ("temperature", "top_p", "seed", "stop"))}
-        if "strategy" not in overrides and "temperature" in overrides:
-            overrides["strategy"] = "greedy" if overrides["temperature"] == 0 else "sample"
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise HTTPError(400, "stream must be true or false", "stream")
-        try:
-            params = self.generator.params(**overrides)
-            if chat:
-                messages = body.get("messages")
-                if not isinstance(messages, list) or not messages:
-                    raise HTTPError(400, "messages must be a non-empty list", "messages")
-                prompts = [self.generator.encode_chat(messages)]
-            else:
-                prompt = body.get("prompt")
-                prompt = [prompt] if isinstance(prompt, str) else prompt
-                if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
-                    raise HTTPError(400, "prompt must be a string or a non-empty list of strings", "prompt")
-                if stream and len(prompt) > 1:
-                    raise HTTPError(400, "streaming takes one prompt", "prompt")
-                prompts = [self.generator.encode(p) for p in prompt]
-            return [self.generator.check(Request(p, params.replace(seed=params.seed + i), chat))
-                    for i, p in enumerate(prompts)], stream
-        except (errors.UserError, TypeError) as e:
-            raise HTTPError(400, str(e)) from e
-
-    def response(self, path: str, completions: list[Completion]) -> dict:
-        chat = path == "/v1/chat/completions"
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                        "finish_reason": FINISH[c.finish_reason]} for i, c in enumerate(completions)]
+    if responses.chat:
+        yield event(responses.chunk(None, role=True))
+    while True:
+        kind, *rest = await events.get()
+        if kind == "text":
+            yield event(responses.chunk(rest[1]))
+        elif kind == "done":
+            yield event(responses.chunk(None, finish=rest[0][0]))
+            break
         else:
-            choices = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": FINISH[c.finish_reason]}
-                       for i, c in enumerate(completions)]
-        prompt_tokens = sum(c.prompt_tokens for c in completions)
-        new_tokens = sum(len(c.tokens) for c in completions)
-        return {**self._envelope(chat, stream=False), "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": new_tokens,
-                          "total_tokens": prompt_tokens + new_tokens}}
-
-    def _envelope(self, chat: bool, stream: bool, ident: str | None = None) -> dict:
-        kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
-        return {"id": ident or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "object": kind,
-                "created": int(time.time()), "model": self.model_name}
+            yield event({"error": {"message": str(rest[0]), "type": "server_error", "param": None, "code": None}})
+            break
+    yield b"data: [DONE]\n\n"
 
 
-def _handler(server: Server):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        server_version = "safejax"
+def error_response(status: int, message: str, param: str | None = None, close: bool = False,
+                   headers: dict | None = None) -> JSONResponse:
+    headers = {**(headers or {}), **({"connection": "close"} if close else {})}
+    return JSONResponse(json.loads(http_guard.error_body(status, message, param)), status, headers=headers)
 
-        def log_message(self, fmt, *args):  # requests go to the debug log, not stderr
-            logging.debug("%s " + fmt, self.address_string(), *args)
 
-        def do_GET(self):
-            if self.path == "/health":
-                self._json(200, {"status": "ok", **server.stats})
-            elif self.path == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": server.model_name, "object": "model",
-                                                             "owned_by": "safejax"}]})
-            else:
-                self._error(HTTPError(404, f"no such endpoint: GET {self.path}"))
+def build_app(server: Server) -> fastapi.FastAPI:
+    app = fastapi.FastAPI(title="safejax", openapi_url=None, docs_url=None, redoc_url=None)
 
-        def do_POST(self):
-            try:
-                if self.path not in ("/v1/completions", "/v1/chat/completions"):
-                    raise HTTPError(404, f"no such endpoint: POST {self.path}")
-                requests, stream = server.parse(self.path, self._body())
-            except HTTPError as e:
-                self._error(e)
-                return
-            job = server.submit(requests)
-            if stream:
-                self._stream(job)
-                return
-            while True:
-                kind, *rest = job.events.get()
-                if kind == "done":
-                    self._json(200, server.response(self.path, rest[0]))
-                    return
-                if kind == "error":
-                    self._error(rest[0])
-                    return
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **server.stats}
 
-        def _body(self) -> dict:
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                raise HTTPError(411, "a Content-Length header is required") from None
-            if length > server.cfg.max_request_bytes:
-                raise HTTPError(413, f"request body over {server.cfg.max_request_bytes} bytes")
-            try:
-                body = json.loads(self.rfile.read(length) or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise HTTPError(400, f"request body is not valid JSON: {e}") from None
-            if not isinstance(body, dict):
-                raise HTTPError(400, "request body must be a JSON object")
-            return body
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "owned_by": "safejax"}]}
 
-        def _stream(self, job: _Job):
-            chat = self.path == "/v1/chat/completions"
-            envelope = server._envelope(chat, stream=True)
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.end_headers()
+    @app.post("/v1/completions")
+    async def completions(request: fastapi.Request):
+        return await server.complete(request, chat=False)
 
-            def chunk(delta: str | None, finish: str | None):
-                if chat:
-                    choice = {"index": 0, "delta": {} if delta is None else {"content": delta}, "finish_reason": finish}
-                else:
-                    choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-                self._event({**envelope, "created": int(time.time()), "choices": [choice]})
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: fastapi.Request):
+        return await server.complete(request, chat=True)
 
-            try:
-                if chat:
-                    self._event({**envelope, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                          "finish_reason": None}]})
-                while True:
-                    kind, *rest = job.events.get()
-                    if kind == "text":
-                        chunk(rest[1], None)
-                    elif kind == "done":
-                        chunk(None, FINISH[rest[0][0].finish_reason])
-                        break
-                    else:
-                        self._event({"error": {"message": str(rest[0]), "type": "server_error"}})
-                        break
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                logging.info("client left during a stream")
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return error_response(e.status, str(e), e.param, e.close)
 
-        def _event(self, payload: dict):
-            self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-            self.wfile.flush()
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif e.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path} (allowed: {(e.headers or {}).get('Allow')})"
+        else:
+            message = str(e.detail)
+        return error_response(e.status_code, message, headers=e.headers)
 
-        def _json(self, status: int, payload: dict):
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        return error_response(400, f"invalid request: {e.errors()[0].get('msg', '')}")
 
-        def _error(self, e: HTTPError):
-            kind = "invalid_request_error" if e.status < 500 else "server_error"
-            self._json(e.status, {"error": {"message": " ".join(str(e).split()), "type": kind,
-                                            "param": e.param, "code": None}})
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request, e: ClientDisconnect):
+        logging.info("client left before its request body arrived")
+        return error_response(400, "client disconnected", close=True)
 
-    return Handler
+    @app.exception_handler(Exception)
+    async def internal(request, e: Exception):
+        logging.exception("request failed")
+        return error_response(500, f"internal error: {type(e).__name__}")
+
+    return app
