@@ -26,7 +26,7 @@ Options:
   -h, --help     show this help
 
 Example:
-  $prog --processes 2 -- --gin_file=configs/tiny.gin --workdir=/tmp/run1
+  $prog --processes 2 -- --gin_file=lm/tiny.gin --workdir=/tmp/run1
 USAGE
 }
 

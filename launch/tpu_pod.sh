@@ -9,6 +9,7 @@
 #
 # The train arguments are passed through a second shell on each worker, so
 # they are re-quoted with printf %q; values with spaces or quotes arrive intact.
+# A train --dry-run (the plan, from the config alone) runs on worker 0 only.
 set -euo pipefail
 
 prog=${0##*/}
@@ -25,13 +26,26 @@ Options:
   --project P      GCP project (default: the one gcloud is configured with)
   --repo-dir DIR   safejax checkout on the workers (default: safejax);
                    a relative path is taken from the remote home directory
-  --setup          first run 'pip install -e .' in DIR on all workers
+  --setup          first install safejax with its TPU extra on all workers:
+                   'pip install -e .[tpu]' in DIR (jax[tpu] and its libtpu)
   --dry-run        print the gcloud commands, one per line, and exit
   -h, --help       show this help
 
-Example:
-  $prog --tpu my-v4-32 --zone us-central2-b -- \\
-      --gin_file=configs/base.gin --workdir=gs://bucket/run1
+A --dry-run among the train arguments is safejax's: it prints the run's plan
+(hosts, mesh, batch, steps, checkpoints, data) on worker 0 and starts nothing.
+
+Examples (the ablation "full" of the paper at 1.7B on a v5p-128, its plan first):
+  $prog --tpu my-v5p-128 --zone us-east5-a --setup -- \\
+      --gin_file=scale/1_7b.gin --gin_file=topology/tpu_v5p_128.gin \\
+      --gin_file=ablations/full.gin --gin.SPLIT_DIR="'gs://bucket/split'" \\
+      --gin.REPHRASED="['gs://bucket/synth/rephrased/*.jsonl']" \\
+      --gin.REFUSEWEB="['gs://bucket/synth/refuseweb/*.jsonl']" \\
+      --gin.MORAL_EDUCATION="['gs://bucket/synth/moral/*.jsonl']" \\
+      --workdir=gs://bucket/runs/full-1_7b --dry-run
+  $prog --tpu my-v6e-256 --zone us-east5-b -- \\
+      --gin_file=scale/360m.gin --gin_file=topology/tpu_v6e_256.gin \\
+      --gin_file=ablations/raw.gin --gin.CORPUS="['gs://bucket/corpus/*.jsonl.gz']" \\
+      --workdir=gs://bucket/runs/raw-360m
 USAGE
 }
 
@@ -68,7 +82,11 @@ done
 
 ssh_cmd=(gcloud compute tpus tpu-vm ssh "$tpu" "--zone=$zone")
 if [[ -n $project ]]; then ssh_cmd+=("--project=$project"); fi
-ssh_cmd+=(--worker=all)
+
+workers=--worker=all
+for arg in "$@"; do
+  if [[ $arg == --dry-run ]]; then workers=--worker=0; fi  # the plan is the same on every worker
+done
 
 # ssh runs a non-login shell, which may not have pip's user script dir on PATH.
 in_repo="export PATH=\"\$HOME/.local/bin:\$PATH\" && cd $(quote "$repo_dir")"
@@ -82,6 +100,6 @@ run() {
 }
 
 if ((setup)); then
-  run "${ssh_cmd[@]}" "--command=$in_repo && python3 -m pip install -e ."
+  run "${ssh_cmd[@]}" --worker=all "--command=$in_repo && python3 -m pip install -e '.[tpu]'"
 fi
-run "${ssh_cmd[@]}" "--command=$in_repo && safejax train $(quote "$@")"
+run "${ssh_cmd[@]}" "$workers" "--command=$in_repo && safejax train $(quote "$@")"

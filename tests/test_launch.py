@@ -9,6 +9,7 @@ survive every layer of shell quoting exactly.
 """
 
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -182,14 +183,21 @@ def test_tpu_without_dry_run_runs_gcloud(env, tmp_path):
     assert settings["cwd"] == str(repo)
 
 
-def test_tpu_setup_installs_on_all_workers_first(env):
+def test_tpu_setup_installs_the_tpu_extra_on_all_workers_first(env):
     lines = dry_run("tpu_pod.sh", *TPU, "--setup", "--", "--workdir=/tmp/x", env=env)
     assert len(lines) == 2
     setup, train = (shlex.split(line) for line in lines)
     assert "--worker=all" in setup and "--worker=all" in train
-    assert "pip install -e ." in remote_command(setup)
+    assert shlex.split(remote_command(setup))[-6:] == ["python3", "-m", "pip", "install", "-e", ".[tpu]"]
     assert "cd safejax" in remote_command(setup)
     assert "safejax train --workdir=/tmp/x" in remote_command(train)
+
+
+def test_tpu_train_dry_run_prints_the_plan_on_worker_0_only(env):
+    (line,) = dry_run("tpu_pod.sh", *TPU, "--", "--workdir=/tmp/x", "--dry-run", env=env)
+    argv = shlex.split(line)
+    assert "--worker=0" in argv and "--worker=all" not in argv
+    assert "safejax train --workdir=/tmp/x --dry-run" in remote_command(argv)
 
 
 @pytest.mark.parametrize(
@@ -236,6 +244,12 @@ def test_gpu_dry_run_output_is_a_script_that_reproduces_the_run(env):
     assert settings["CUDA_VISIBLE_DEVICES"] == "2"
     assert settings["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"  # caller's value kept
     assert settings["XLA_FLAGS"] == f"--xla_dump_to=/tmp/d {FLAG}"
+
+
+def test_gpu_setup_installs_this_checkout_with_the_cuda_extra_first(env):
+    lines = dry_run("gpu.sh", "--setup", "--", "--workdir=/tmp/x", "--dry-run", env=env)
+    assert shlex.split(lines[0]) == ["python3", "-m", "pip", "install", "-e", f"{LAUNCH.parent}[cuda]"]
+    assert lines[-1] == "safejax train --workdir=/tmp/x --dry-run"
 
 
 def test_gpu_keeps_an_explicit_scheduler_choice(env):
@@ -388,6 +402,17 @@ def test_help(env, script):
     proc = run(script, "--help", env=env)
     assert proc.returncode == 0
     assert proc.stdout.startswith(f"Usage: {script}")
+
+
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu.sh", "local.sh", "beam_dataflow.sh"])
+def test_help_examples_name_existing_gin_files(env, script):
+    from safejax import config
+
+    text = run(script, "--help", env=env).stdout
+    examples = text[text.index("Example"):]
+    for path in re.findall(r"--gin_file[= ](\S+)", examples):
+        assert os.path.isfile(LAUNCH.parent / path) or os.path.isfile(os.path.join(config.CONFIG_DIR, path)), path
+    assert "configs/base.gin" not in text
 
 
 @pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu.sh", "local.sh", "beam_dataflow.sh"])
