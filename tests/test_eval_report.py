@@ -85,7 +85,8 @@ def test_report_tables_and_figures(tmp_path):
                "multiple_choice": {"mc_sample": {"accuracy": 0.7, "ci": [0.4, 1.0], "n": 10, "per_item": {},
                                                  "accuracy_raw": 0.6, "ci_raw": [0.3, 0.9]}}}
     run_dir = _run(tmp_path, "run", RUN_CELLS, label="safety-pretrained", utility=utility,
-                   timings={"generation_s": 12.5, "judging_s": 1.25})
+                   timings={"generation_s": 12.5, "judging_s": 1.25, "generated_samples": 48.0,
+                            "decode_tokens_per_s": 18.5})
     path = report.write_report(run_dir)
     assert path == os.path.join(run_dir, "report.md")
     md = open(path).read()
@@ -108,7 +109,9 @@ def test_report_tables_and_figures(tmp_path):
     assert _lookup(md, "held-out clean text", "perplexity", "value") == "12.346"
     assert _lookup(md, "held-out clean text", "perplexity, harm tag's mass removed", "value") == "11.900"
     assert _lookup(md, "multiple choice", "mc_sample", "accuracy % (per-byte log-likelihood)") == "70.0 [40.0, 100.0]"
-    assert _lookup(md, "phase", "judging_s", "seconds") == "1.2"
+    assert _lookup(md, "phase", "judging_s", "value") == "1.2 s"
+    assert _lookup(md, "phase", "generated_samples", "value") == "48"
+    assert _lookup(md, "phase", "decode_tokens_per_s", "value") == "18.5"
     for name in (report.RATES_FIGURE, report.CATEGORIES_FIGURE):
         assert f"]({name})" in md
         _assert_png(os.path.join(run_dir, name))

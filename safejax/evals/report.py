@@ -256,8 +256,17 @@ def _utility_section(utility: dict) -> list[str]:
 def _timings_section(timings: dict) -> list[str]:
     if not timings:
         return []
-    rows = [[k, f"{v:.1f}" if _number(v) else v] for k, v in timings.items()]
-    return ["## Timings", ""] + _table(["phase", "seconds"], rows) + [""]
+    rows = [[k, _timing_text(k, v)] for k, v in timings.items()]
+    return ["## Timings", ""] + _table(["phase", "value"], rows) + [""]
+
+
+def _timing_text(key: str, value) -> str:
+    """Durations (keys ending in _s, not _per_s) in seconds; counts and rates as they are."""
+    if not _number(value):
+        return str(value)
+    if key.endswith("_s") and not key.endswith("_per_s"):
+        return f"{value:.1f} s"
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
 
 
 # ---- figures ----
