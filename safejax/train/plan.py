@@ -164,6 +164,14 @@ def build(workdir: str) -> dict:
     }
 
 
+def _count(n: float) -> str:
+    """1.812B, 25.31M, 599.8B: four significant digits at the scale a reader compares."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.4g}{unit}"
+    return f"{n:g}"
+
+
 def _reads(folders: list[tuple[str, int]]) -> str:
     shown = ", ".join(f"{n} file{'s' if n > 1 else ''} in {d}" for d, n in folders[:3])
     return shown + (f" and {len(folders) - 3} more folders" if len(folders) > 3 else "")
@@ -181,13 +189,13 @@ def format_plan(plan: dict) -> str:
         f"topology    {t['name']}: {t['hosts']} hosts x {t['devices_per_host']} devices = {t['devices']} "
         f"({t['device_kind']})",
         f"mesh        {mesh} (MESH_SHAPE {tuple(plan['mesh']['configured'])})",
-        f"model       {m['parameters'] / 1e9:.2f}B parameters: {m['layers']} layers, d_model {m['d_model']}, "
+        f"model       {_count(m['parameters'])} parameters: {m['layers']} layers, d_model {m['d_model']}, "
         f"{m['heads']} heads ({m['kv_heads']} K/V), mlp {m['mlp']}, {m['vocab_rows']} vocabulary rows, "
         f"{m['dtype']}, remat {m['remat']}",
         f"batch       {b['sequences']} sequences x {b['seq_len']} tokens = {b['tokens_per_step']:,} tokens a step; "
         f"{b['per_host']} sequences a host, {b['per_device_per_microbatch']} a device "
         + ("in one pass" if b["microbatches"] == 1 else f"in each of {b['microbatches']} microbatches"),
-        f"length      {plan['steps']:,} steps = {plan['tokens'] / 1e9:.1f}B tokens; lr {s['kind']}, peak {s['peak']:g}, "
+        f"length      {plan['steps']:,} steps = {_count(plan['tokens'])} tokens; lr {s['kind']}, peak {s['peak']:g}, "
         f"warmup {s['warmup_steps']:,} steps, floor {s['final_fraction']:g} of the peak",
         f"checkpoints every {c['every']:,} steps ({c['saves']:,} saves, the last {c['keep']} kept) in {c['path']}; "
         f"held-out loss {evaluation}",
