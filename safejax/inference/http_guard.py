@@ -63,7 +63,7 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, limit_concu
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._header_bytes = 0
+            self._head, self._head_done = bytearray(), False
             self._header_timer = None
             self._discarding = False
             if len(self.connections) > limit_concurrency:
@@ -73,15 +73,19 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, limit_concu
         def data_received(self, data: bytes) -> None:
             if self._discarding:
                 return
-            if self.conn.their_state is h11.IDLE:
-                self._header_bytes += len(data)
+            if not self._head_done:  # h11 limits only a head that is still incomplete
+                self._head += data[:max_header_bytes + 4 - len(self._head)]
+                self._head_done = b"\r\n\r\n" in self._head
+                if not self._head_done and len(self._head) > max_header_bytes:
+                    self._answer_and_close(431, f"request line and headers over {max_header_bytes} bytes")
+                    return
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:
                 self._cancel_header_timer()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._header_bytes = 0
+            self._head, self._head_done = bytearray(), False
             if not self.transport.is_closing():
                 self._arm_header_timer()
 
@@ -90,11 +94,7 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, limit_concu
             super().connection_lost(exc)
 
         def send_400_response(self, msg: str) -> None:
-            if self._header_bytes > max_header_bytes:
-                status, message = 431, f"request line and headers over {max_header_bytes} bytes"
-            else:
-                status, message = 400, "malformed HTTP request (request line or headers)"
-            self._answer_and_close(status, message)
+            self._answer_and_close(400, "malformed HTTP request (request line or headers)")
 
         def _arm_header_timer(self) -> None:
             self._cancel_header_timer()
@@ -109,7 +109,7 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int, limit_concu
             self._header_timer = None
             if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
                 return
-            if self._header_bytes:
+            if self._head:
                 self._answer_and_close(408, f"request line and headers not received within {header_timeout_s}s")
             else:
                 self.transport.close()
