@@ -43,8 +43,8 @@ def _untagged(generator):
 
 
 def _bigram_scorer(table, tag_id=TAG, context=32, batch_size=4):
-    return utility.TokenScorer(lambda params, tokens, positions, segments: params[tokens], np.asarray(table, np.float32),
-                               tag_id, context, batch_size)
+    return utility.TokenScorer(lambda params, tokens, positions, segments: params[tokens],
+                               np.asarray(table, np.float32), tag_id, context, batch_size)
 
 
 def _direct_bigram(table, documents, tag_id=TAG):
@@ -184,7 +184,8 @@ def _direct_choice_scores(generator, item):
         ids = [eos, *whole]
         logp = _plain_forward(generator)(ids[:-1])
         rows = np.arange(len(context), len(ids) - 1)
-        out.append(float(np.sum(logp[rows, np.asarray(ids)[rows + 1]] - np.log1p(-np.exp(logp[rows, generator.tag_id])))))
+        removed = logp[rows, np.asarray(ids)[rows + 1]] - np.log1p(-np.exp(logp[rows, generator.tag_id]))
+        out.append(float(np.sum(removed)))
     return out
 
 

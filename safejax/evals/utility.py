@@ -44,7 +44,6 @@ from safejax import errors, parallel
 from safejax.data import sources
 from safejax.evals import stats
 
-
 SUMS = ("logprob", "logprob_tag_removed", "tag_mass")
 
 
@@ -88,8 +87,8 @@ class TokenScorer:
         pad = -rows % self.batch_size
         ids = np.concatenate([ids, np.zeros((pad, width), np.int32)]).astype(np.int32)
         weights = np.concatenate([weights, np.zeros((pad, width - 1), np.float32)]).astype(np.float32)
-        parts = [jax.device_get(self._sums(self.params, ids[s:s + self.batch_size], weights[s:s + self.batch_size]))
-                 for s in range(0, len(ids), self.batch_size)]
+        parts = jax.device_get([self._sums(self.params, ids[s:s + self.batch_size], weights[s:s + self.batch_size])
+                                for s in range(0, len(ids), self.batch_size)])  # all dispatched, then read
         return {k: np.concatenate([p[k] for p in parts]).astype(np.float64)[:rows] for k in SUMS}
 
 
@@ -344,5 +343,5 @@ def multiple_choice(generator, path: str, *, separator: str = " ", tag_removed: 
         per_item_raw[item.id] = float(int(np.argmax(s)) == item.answer)
     norm, raw = stats.rate_summary(per_item), stats.rate_summary(per_item_raw)
     return {"accuracy": norm["rate"], "ci": norm["ci"], "n": len(items), "per_item": per_item,
-            "accuracy_raw": raw["rate"], "ci_raw": raw["ci"], "per_item_raw": per_item_raw, "truncated": truncated, "tag_removed": tag_removed,
-            "file": path}
+            "accuracy_raw": raw["rate"], "ci_raw": raw["ci"], "per_item_raw": per_item_raw, "truncated": truncated,
+            "tag_removed": tag_removed, "file": path}
