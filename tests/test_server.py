@@ -215,3 +215,42 @@ def test_a_continuation_keeps_its_leading_space(generator):
         assert generator.vocabulary.decode(request.prompt) + c.text == generator.vocabulary.decode(request.prompt + c.tokens)
         word_starts += generator.vocabulary.tokenizer.id_to_piece(c.tokens[0]).startswith("\u2581")
     assert word_starts  # the case that used to glue words
+
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_the_openai_client_completes_chats_and_streams(openai_client, generator):
+    """The official client against the server: completions (one prompt and a list), chat
+    completions, both streamed, steering fields through extra_body, and an error it raises."""
+    import openai
+
+    params = generator.params(strategy="greedy", max_new_tokens=6)
+    [expected] = generator.generate(["The king said"], params)
+    reply = openai_client.completions.create(model="tiny", prompt="The king said", max_tokens=6, temperature=0)
+    assert reply.choices[0].text == expected.text and reply.usage.completion_tokens == len(expected.tokens)
+    assert reply.choices[0].tag_probability == pytest.approx(expected.tag_probability)
+    stream = openai_client.completions.create(model="tiny", prompt="The king said", max_tokens=6, temperature=0,
+                                              stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == expected.text
+    both = openai_client.completions.create(model="tiny", prompt=["Once", "The people of"], max_tokens=3, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1]
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story"}]
+    chat = openai_client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    chunks = list(openai_client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0,
+                                                        stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+    long = openai_client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8,
+                                                 extra_body={"min_tokens": 8, "strategy": "safebeam", "num_beams": 2,
+                                                             "expansions": 3})
+    assert long.usage.completion_tokens == 8 and long.choices[0].finish_reason == "length"
+    assert len(long.choices[0].tag_probability) == 8
+    with pytest.raises(openai.BadRequestError, match="unknown request field"):
+        openai_client.completions.create(model="tiny", prompt="hi", extra_body={"beams": 3})
+    assert [m.id for m in openai_client.models.list()] == ["tiny"]
