@@ -12,6 +12,7 @@ BENCHMARKS = {  # name -> (module, what it measures)
     "sample": ("safejax.bench.sample", "decoding tokens/s of every strategy"),
     "data": ("safejax.bench.data", "input-pipeline tokens/s, raw corpus vs the safety mixture"),
     "score": ("safejax.bench.score", "classifier windows/s and tokens/s, the full-corpus estimate"),
+    "eval": ("safejax.bench.eval", "eval harness: generation tokens/s over the bare sampler's, classifier judge time over generation's"),
     "synth": ("safejax.bench.synth", "synthesis records/s: endpoint client at concurrency 1 and 32, template with and without the gate"),
     "serve": ("safejax.bench.serve", "server requests/s and p50/p99 latency under 64 concurrent greedy clients"),
 }
