@@ -1,7 +1,9 @@
-"""A client for OpenAI-compatible chat endpoints (POST {base_url}/chat/completions), standard library only.
+"""A client for OpenAI-compatible chat endpoints (POST {base_url}/chat/completions), on httpx.
 
-One POST with retries is all the labeler and the synthesis step need, so no SDK: the same code
-talks to OpenAI, vLLM, SGLang or llama.cpp servers. HTTP(S) proxies come from the usual environment variables.
+One POST with retries is all the labeler, the synthesis step and the LLM judge need, so no SDK:
+the same code talks to OpenAI, vLLM, SGLang, llama.cpp or `safejax serve`. One httpx.Client (a
+connection pool, thread-safe) serves every worker thread; HTTP(S) proxies come from the usual
+environment variables.
 
 What is retried, with exponential backoff and jitter: 429 (waiting what Retry-After asks when
 the server sends it), 408, 409, 5xx, timeouts and dropped connections. What stops the whole run at
@@ -17,18 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
-import http.client
 import json
 import logging
 import os
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 import gin
+import httpx
 
 from safejax import errors
 
@@ -119,11 +119,17 @@ class ChatClient:
         self._sleep = sleep or self._stopped.wait  # waiting on the event lets stop() cut a backoff short
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
+        self._http = httpx.Client(timeout=endpoint.timeout_s, trust_env=True,
+                                  limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         self.requests = 0  # HTTP requests sent, retries included
 
     def stop(self) -> None:
         """Ends every pending and later retry at once (a run that is stopping waits for no backoff)."""
         self._stopped.set()
+
+    def close(self) -> None:
+        """Closes the pooled connections (a client that is dropped closes them when collected)."""
+        self._http.close()
 
     def complete(self, messages: list[dict]) -> str:
         """The assistant's reply to `messages` ("" when the server sends no content)."""
@@ -165,40 +171,41 @@ class ChatClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self.endpoint.url, data=payload, headers=headers, method="POST")
         with self._lock:
             self.requests += 1
         try:
-            with urllib.request.urlopen(request, timeout=self.endpoint.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as e:
-            raise self._status_error(e) from None
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, TimeoutError):
-                raise _Retryable(f"timed out after {self.endpoint.timeout_s}s") from None
-            raise _Retryable(f"{type(e.reason).__name__}: {e.reason}", unreachable=True) from None
-        except (TimeoutError, ConnectionError, http.client.HTTPException) as e:
-            what = f"timed out after {self.endpoint.timeout_s}s" if isinstance(e, TimeoutError) else \
-                f"connection broken: {type(e).__name__}"
-            raise _Retryable(what) from None
-        return _reply_content(raw)
+            response = self._http.post(self.endpoint.url, content=payload, headers=headers)
+        except httpx.InvalidURL as e:
+            raise EndpointError(f"ChatEndpoint.base_url {self.endpoint.base_url!r} is not a valid URL: {e}") from None
+        except httpx.TimeoutException:
+            raise _Retryable(f"timed out after {self.endpoint.timeout_s}s") from None
+        except httpx.ConnectError as e:
+            raise _Retryable(_root_cause(e), unreachable=True) from None
+        except (httpx.TransportError, httpx.DecodingError) as e:  # dropped or garbled connection
+            raise _Retryable(f"connection broken: {_root_cause(e)}") from None
+        if response.status_code >= 400:
+            raise self._status_error(response) from None
+        return _reply_content(response.content)
 
-    def _status_error(self, e: urllib.error.HTTPError) -> Exception:
-        try:
-            detail = e.read()[:ERROR_BODY_CHARS].decode("utf-8", errors="replace")
-            if self._api_key:  # some servers quote the key they refused
-                detail = detail.replace(self._api_key, "***")
-        except (OSError, http.client.HTTPException):
-            detail = ""
-        finally:
-            e.close()
-        message = f"HTTP {e.code}" + (f": {' '.join(detail.split())}" if detail else "")
-        if e.code in RETRYABLE_STATUS or e.code >= 500:
-            return _Retryable(message, retry_after=parse_retry_after(e.headers.get("Retry-After")))
-        if e.code in FATAL_STATUS:
+    def _status_error(self, response: httpx.Response) -> Exception:
+        detail = response.content[:ERROR_BODY_CHARS].decode("utf-8", errors="replace")
+        if self._api_key:  # some servers quote the key they refused
+            detail = detail.replace(self._api_key, "***")
+        code = response.status_code
+        message = f"HTTP {code}" + (f": {' '.join(detail.split())}" if detail else "")
+        if code in RETRYABLE_STATUS or code >= 500:
+            return _Retryable(message, retry_after=parse_retry_after(response.headers.get("Retry-After")))
+        if code in FATAL_STATUS:
             return EndpointError(f"{self.endpoint.url} refused model {self.endpoint.model!r}: {message}"
-                                 + (f" (is ${self.endpoint.api_key_env} set?)" if e.code in (401, 403) else ""))
+                                 + (f" (is ${self.endpoint.api_key_env} set?)" if code in (401, 403) else ""))
         return RequestFailed(message)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost cause of an httpx error (e.g. ConnectionRefusedError), named with its type."""
+    while (inner := e.__cause__ or e.__context__) is not None:
+        e = inner
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def _reply_content(raw: bytes) -> Reply:
