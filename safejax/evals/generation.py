@@ -68,7 +68,9 @@ class Stats:
     """What a generate() call did (for the results' timings and the benchmark)."""
 
     def __init__(self):
-        self.seconds, self.samples, self.new_tokens, self.cached = 0.0, 0, 0, 0
+        self.seconds, self.samples, self.new_tokens = 0.0, 0, 0
+        self.skipped = 0  # newly recorded as too long for the context
+        self.cached = 0  # found in the file (generated or skipped by an earlier run)
 
 
 def generate(gen: Generator, cases: Sequence[Case], decoding: str, path: str, *, max_new_tokens: int,
@@ -79,13 +81,13 @@ def generate(gen: Generator, cases: Sequence[Case], decoding: str, path: str, *,
     n = samples_per_case(decoding, num_samples)
     done = {r["key"]: r for r in read_jsonl(path)}
     stats = stats or Stats()
-    stats.cached += len(done)
     pending = []
     for case in cases:
         tokens = None
         for s in range(n):
             key = f"{case.key}#{s}"
             if key in done:
+                stats.cached += 1
                 continue
             if tokens is None:
                 tokens = gen.encode_chat([{"role": "user", "content": case.text}]) if chat else gen.encode(case.text)
@@ -105,6 +107,7 @@ def generate(gen: Generator, cases: Sequence[Case], decoding: str, path: str, *,
         fits = []
         for key, case, s, tokens in pending:
             if len(tokens) + max_new_tokens > gen.loaded.context:
+                stats.skipped += 1
                 write(_record(key, case, s, skipped="too_long"))
             else:
                 fits.append((key, case, s, tokens))

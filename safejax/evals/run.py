@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -173,7 +174,8 @@ def evaluate(checkpoint_dir: str, output: str, *, suites: list[str], decodings: 
     from safejax.inference.generate import Generator
 
     gen = Generator(checkpoint.load(checkpoint_dir, work.step, vocab_path))
-    sampling = {d: dataclasses.asdict(generation.decoding_params(gen, d, cfg.max_new_tokens)) for d in decodings}
+    sampling = json.loads(json.dumps(  # as the manifest reads back (tuples as lists)
+        {d: dataclasses.asdict(generation.decoding_params(gen, d, cfg.max_new_tokens)) for d in decodings}))
     if work.sets:
         sources.claim_output_dir(os.path.join(output, "generations"),
                                  generation_manifest(checkpoint_dir, work.step, cfg, chat, sampling), "generations")
@@ -205,7 +207,7 @@ def evaluate(checkpoint_dir: str, output: str, *, suites: list[str], decodings: 
                     timings[f"judging_{name}_s"] = timings.get(f"judging_{name}_s", 0.0) + spent
                     cells.append(_cell(suite, set_name, decoding, name, records, verdicts, prompt_list))
     timings.update(generated_samples=gen_stats.samples, generated_tokens=gen_stats.new_tokens,
-                   cached_samples=gen_stats.cached,
+                   skipped_samples=gen_stats.skipped, cached_samples=gen_stats.cached,
                    decode_tokens_per_s=round(gen_stats.new_tokens / gen_stats.seconds, 1) if gen_stats.seconds else None)
     results = {"schema": SCHEMA, "label": label or os.path.basename(os.path.abspath(checkpoint_dir)),
                "checkpoint": os.path.abspath(checkpoint_dir), "step": work.step,
