@@ -37,6 +37,7 @@ SMALL = [
     "DocumentDataConfig.eval_sources = ['documents_prose']", "DocumentDataConfig.clean_windows_per_source = 16",
     "DocumentDataConfig.spliced_examples = 16", "DocumentDataConfig.thread_examples = 8",
     "DocumentDataConfig.xstest_train_copies = 0",  # XSTest is evaluated (and calibrated on), not trained on
+    "CascadeConfig.exit_layer = 1", "CascadeConfig.max_miss = 0.05",  # the encoder above has 2 layers
     "TrainConfig.checkpoint_every = 2", "TrainConfig.progress_bar = False",
     "TrainConfig.async_checkpoints = False",
 ]
@@ -120,6 +121,13 @@ def test_training_calibrates_the_export_and_reports_whole_documents(trained):
     assert rule["kind"] == "calibrated" and len(rule["coef"]) == 5
     assert len(rule["thresholds"]) == 5 and all(0.5 <= t <= 1 for t in rule["thresholds"])
     assert rule["false_positive_rate"] == 0.05
+    per_set = rule["thresholds_per_benign_set"]  # a budget per benign source, the strictest applies
+    assert set(per_set) == {"documents_prose", "xstest_safe"}
+    assert rule["thresholds"] == list(np.max(list(per_set.values()), axis=0))
+    fitted = record["cascade"]
+    assert fitted["exit_layer"] == 1 and len(fitted["head"]["weights"]) == 32 and fitted["max_miss"] == 0.05
+    missed, harmful = fitted["validation"]["missed"], fitted["validation"]["harmful_windows"]
+    assert missed <= 0.05 * harmful
     docs = json.load(open(os.path.join(trained, "eval.json")))["documents"]
     assert set(docs["sources"]) == {"documents_prose", "xstest_safe", "xstest_unsafe"}
     for name, entry in docs["sources"].items():
@@ -133,13 +141,19 @@ def test_training_calibrates_the_export_and_reports_whole_documents(trained):
     assert 0 < judge["sets"]["documents_prose_spans"]["n"] <= 300
     text = open(os.path.join(trained, "eval.md")).read()
     assert "## Whole documents" in text and "## As an evaluation judge" in text and "Recall mode" in text
+    assert "## Scoring cascade" in text
+    report = json.load(open(os.path.join(trained, "eval.json")))
+    assert 0 <= report["cascade"]["test_cleared"] <= 1 and {"r_at_1", "f1"} <= set(report["cascade"]["full"])
+    for entry in report["documents"]["sources"].values():
+        assert sum(entry["cascade"]["histogram_without"]) == entry["n"]
+        assert entry["cascade"]["missed"] <= entry["cascade"]["harmful_windows"]
     recall_mode = json.load(open(os.path.join(trained, "eval.json")))["recall_mode"]
     assert recall_mode["k1"]["target_precision_on_calibration"] == 0.85
 
 
 @pytest.mark.slow
 def test_scorer_buckets_match_full_length(trained):
-    scorer = Scorer(os.path.join(trained, "model"), batch_size=8)
+    scorer = Scorer(os.path.join(trained, "model"), batch_size=8, cascade=False)
     texts = ["a short one", "a somewhat longer sentence about gardening, cooking and the weather", ""]
     probs = scorer.probs(texts)
     assert probs.shape == (3, 6)

@@ -2,7 +2,7 @@
 bundled corpus, through `safejax score`'s own code (safety/scoring.DocumentScorer).
 
     safejax bench score [--checkpoint DIR] [--docs N] [--batch 32] [--overlap 32] [--warmup 16]
-                        [--dtype float32|bfloat16]
+                        [--dtype float32|bfloat16] [--cascade on|off]
 
 The timed part is what scoring does after loading the model: tokenize each document, cut it into
 overlapping windows of the classifier's length, run the length-bucketed jit batches (sharded over
@@ -21,7 +21,8 @@ configs/classifier/minilm.gin (256 tokens) with a seeded random 6-way head, expo
 source. --dtype sets the encoder's compute dtype (parameters stay float32); the peer's
 --dtype bfloat16 is its counterpart. `windows_sha1` digests the windows' token ids, so a run of
 benchmarks/peers/hf_score.py (the Hugging Face transformers peer, see benchmarks/PEERS.md) can show it
-scored the same windows.
+scored the same windows. --cascade off scores every window with the whole encoder even when the
+export has a cascade (safety/cascade.py); `windows_cleared` is the share its first stage cleared.
 """
 
 from __future__ import annotations
@@ -82,15 +83,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--overlap", type=int, help="tokens shared by consecutive windows (default: score's)")
     parser.add_argument("--warmup", type=int, default=16, help="documents scored before timing")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the export's)")
+    parser.add_argument("--cascade", choices=("on", "off"), default="on",
+                        help="the export's scoring cascade, where it has one (default on)")
     args = parser.parse_args(argv)
     texts = corpus_texts(args.docs)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.checkpoint or export_minilm(tmp)
         scorer = scoring.DocumentScorer(model_dir, batch_size=args.batch, overlap=args.overlap,
-                                         dtype=args.dtype)
+                                         dtype=args.dtype, cascade=args.cascade == "on")
         scorer.scorer.compile()
         score_all(scorer, texts[:args.warmup])
+        scorer.scorer.windows_cleared = 0
         start, cpu = time.perf_counter(), time.process_time()
         score_all(scorer, texts)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -106,6 +110,8 @@ def main(argv: list[str]) -> int:
               "full_corpus_estimate_s": round(corpus_tokens / (lengths.sum() / seconds), 1),
               "batch": args.batch, "seq_len": scorer.scorer.cfg.seq_len, "overlap": scorer.overlap,
               "dtype": scorer.scorer.cfg.encoder.dtype,
+              "cascade": None if scorer.scorer.cascade is None else scorer.scorer.cascade["exit_layer"],
+              "windows_cleared": round(scorer.scorer.windows_cleared / max(len(windows), 1), 4),
               "model": args.checkpoint or "all-MiniLM-L6-v2 + random head", "windows_sha1": windows_digest(windows),
               "devices": jax.device_count(), "platform": jax.devices()[0].platform,
               "load_avg_1m_before": round(load_before, 2), "load_avg_1m": round(os.getloadavg()[0], 2)}

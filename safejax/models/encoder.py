@@ -143,9 +143,10 @@ class Encoder(nnx.Module):
         self.layers = nnx.List([EncoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
         self.cfg = cfg
 
-    def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, tokens: jax.Array, mask: jax.Array, num_layers: int | None = None) -> jax.Array:
         """tokens, mask: (batch, length) int; mask 1 on real tokens. Returns (batch, length, embed)
-        float32 (`cfg.dtype` is the matmuls' input dtype).
+        float32 (`cfg.dtype` is the matmuls' input dtype) after the first `num_layers` layers
+        (all by default; fewer for the scoring cascade's cheap first stage).
 
         Every example is one sentence (token type 0), as sentence encoders are used.
         """
@@ -156,13 +157,13 @@ class Encoder(nnx.Module):
         x = constrain(x, ("batch", "length", "embed"))
         # Additive mask over keys, built once: -1e30 (not -inf) keeps fully padded rows finite.
         bias = jnp.where(mask[:, None, None, :] > 0, 0.0, -1e30).astype(jnp.float32)
-        for layer in self.layers:
+        for layer in list(self.layers)[:num_layers]:
             x = layer(x, bias)
         return x
 
-    def pool(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    def pool(self, tokens: jax.Array, mask: jax.Array, num_layers: int | None = None) -> jax.Array:
         """Mean of the non-padding token embeddings (sentence-transformers' mean pooling), fp32."""
-        hidden = self(tokens, mask)
+        hidden = self(tokens, mask, num_layers)
         m = mask.astype(jnp.float32)[..., None]
         return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
 

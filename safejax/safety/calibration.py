@@ -86,13 +86,16 @@ def synthetic_documents(doc_windows: list[np.ndarray], inserts: np.ndarray, inse
 
 
 def calibrate_export(model_dir: str, validation_texts: list[str], validation_labels: np.ndarray,
-                     clean_documents: list[str], seed: int, batch_size: int = 32,
-                     false_positive_rate: float = 0.05) -> dict:
+                     clean_documents: dict[str, list[str]], seed: int, batch_size: int = 32,
+                     false_positive_rate: float = 0.05, benign_texts: dict[str, list[str]] | None = None) -> dict:
     """Fits the export's temperature and bias on the validation examples, then its document rule
     on synthetic documents made of clean validation documents' windows and those examples, and
-    the rule's per-level thresholds on the benign validation documents (the clean documents
-    whole, and the examples scored 0 that are not windows of them); writes all of it into the
-    export's classifier.json and returns it."""
+    the rule's per-level thresholds so that at most `false_positive_rate` of each benign set's
+    documents reach a level: each clean source's validation documents whole, and `benign_texts`
+    (e.g. XSTest's safe validation prompts). The budget is per source, so a small set (web pages)
+    is not hidden behind a large one; labeled score-0 snippets are not in it (their labels are
+    noisy: tweets labeled "neither" are often crude, and a corpus filter's budget is about
+    documents). Writes all of it into the export's classifier.json and returns it."""
     from safejax.safety.classifier_export import update_export_record
     from safejax.safety import windows as windows_lib
     from safejax.safety.scoring import DocumentScorer
@@ -100,22 +103,28 @@ def calibrate_export(model_dir: str, validation_texts: list[str], validation_lab
     scorer = DocumentScorer(model_dir, batch_size=batch_size, calibrated=False)
     raw = scorer.scorer.probs(validation_texts)
     temperature, bias = fit(np.log(np.maximum(raw, 1e-12)), validation_labels)
-    example_probs = apply(np.log(np.maximum(raw, 1e-12)), temperature, bias)
 
-    ids, owner = scorer.windows(clean_documents)
-    window_probs = apply(np.log(np.maximum(scorer.scorer.probs_ids(ids), 1e-12)), temperature, bias)
-    bounds = np.searchsorted(owner, np.arange(len(clean_documents) + 1))
-    doc_windows = [window_probs[bounds[i]:bounds[i + 1]] for i in range(len(clean_documents))
-                   if bounds[i + 1] > bounds[i]]
-    docs, labels = synthetic_documents(doc_windows, example_probs, np.asarray(validation_labels), seed)
+    def calibrated_windows(texts):  # each text's stack of calibrated window probabilities
+        ids, owner = scorer.windows(texts)
+        probs = apply(np.log(np.maximum(scorer.scorer.probs_ids(ids), 1e-12)), temperature, bias)
+        bounds = np.searchsorted(owner, np.arange(len(texts) + 1))
+        return [probs[bounds[i]:bounds[i + 1]] for i in range(len(texts)) if bounds[i + 1] > bounds[i]]
+
     def features(stacks):  # (peak window tails, window counts) of documents given as window stacks
         owners = np.concatenate([np.full(len(d), i) for i, d in enumerate(stacks)])
         return windows_lib.document_features(np.concatenate(stacks), owners, len(stacks))[:2]
 
+    example_probs = apply(np.log(np.maximum(raw, 1e-12)), temperature, bias)
+    clean_stacks = {name: calibrated_windows(texts) for name, texts in clean_documents.items()}
+    docs, labels = synthetic_documents([d for stacks in clean_stacks.values() for d in stacks], example_probs,
+                                       np.asarray(validation_labels), seed)
     rule = windows_lib.fit_document_rule(*features(docs), labels)
-    benign = doc_windows + [example_probs[i:i + 1] for i in np.flatnonzero(np.asarray(validation_labels) == 0)]
-    rule["thresholds"] = windows_lib.decision_thresholds(windows_lib.rule_tails(rule, *features(benign)),
-                                                         false_positive_rate)
+    benign = {**clean_stacks, **{name: calibrated_windows(texts) for name, texts in (benign_texts or {}).items()}}
+    per_set = {name: windows_lib.decision_thresholds(windows_lib.rule_tails(rule, *features(stacks)),
+                                                     false_positive_rate)
+               for name, stacks in benign.items() if stacks}
+    rule["thresholds"] = [float(t) for t in np.max(list(per_set.values()), axis=0)] if per_set else [0.5] * windows_lib.LEVELS
+    rule["thresholds_per_benign_set"] = per_set
     rule["false_positive_rate"] = false_positive_rate
     calibration = {"temperature": temperature, "bias": bias, "examples": int(len(validation_labels))}
     update_export_record(model_dir, calibration=calibration, document_rule=rule)

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from safejax.data import sources
-from safejax.safety import documents, labeled, rubric
+from safejax.safety import cascade, documents, labeled, rubric
 
 # PAPER.md §1, held-out set of 3,001 examples (None: not reported).
 PAPER_FIGURES = {
@@ -133,6 +133,9 @@ def evaluate(workdir: str, split: str = "test", batch_size: int = 32) -> dict:
     held_out, calibration = splits[split], splits["validation"]
     y_true = np.array([e.score for e in held_out], int)
     probs, preds = systems(held_out)
+    if scorer.cascade:
+        rows = [e.ids for e in scorer.tokenizer.encode_batch([e.text for e in held_out])]
+        full_probs, test_cleared = scorer.full_probs_ids(rows), scorer.cascade_probs_ids(rows)[1]
     cal_probs, cal_preds = systems(calibration)
     sources = np.array([e.source for e in held_out])
 
@@ -162,6 +165,12 @@ def evaluate(workdir: str, split: str = "test", batch_size: int = 32) -> dict:
                        "scores": {int(k): int(v) for k, v in sorted(collections.Counter(y_true.tolist()).items())},
                        "train_n": len(train_labels)}
     report["paper"] = PAPER_FIGURES
+    if scorer.cascade:
+        report["cascade"] = {"exit_layer": scorer.cascade["exit_layer"], "threshold": scorer.cascade["threshold"],
+                             "max_miss": scorer.cascade["max_miss"], "validation": scorer.cascade["validation"],
+                             "test_cleared": float(test_cleared.mean()),
+                             "test_labeled_harmful_cleared": int((test_cleared & (y_true >= cascade.HARMFUL_LEVEL)).sum()),
+                             "full": metrics(y_true, full_probs.argmax(-1))}
     doc_cfg = documents.DocumentDataConfig()
     report["documents"] = document_evaluation(os.path.join(workdir, "model"), doc_cfg, split, batch_size)
     report["judge"] = judge_evaluation(os.path.join(workdir, "model"), doc_cfg, split, batch_size)
@@ -221,8 +230,34 @@ def markdown(report: dict) -> str:
     lines += ["    " + " ".join(f"{v:6d}" for v in row) for row in report["confusion"]["model"]]
     if "documents" in report:
         lines += ["", documents_markdown(report["documents"])]
+    if "cascade" in report:
+        lines += ["", cascade_markdown(report)]
     if "judge" in report:
         lines += ["", judge_markdown(report["judge"])]
+    return "\n".join(lines) + "\n"
+
+
+def cascade_markdown(report: dict) -> str:
+    """What the scoring cascade clears and misses, against the whole encoder on every window."""
+    c, full = report["cascade"], report["cascade"]["full"]
+    v = c["validation"]
+    lines = [f"## Scoring cascade (first {c['exit_layer']} encoder layers + exit head; threshold fitted on "
+             f"validation for at most {c['max_miss']:.1%} of windows at score >= 3 cleared)", "",
+             f"Validation: {v['cleared']:.1%} of {v['windows']} windows cleared, {v['missed']} of "
+             f"{v['harmful_windows']} windows the whole encoder puts at >= 3 among them.", "",
+             f"Snippet test split: {c['test_cleared']:.1%} cleared ({c['test_labeled_harmful_cleared']} labeled >= 3); "
+             f"R@1 {_fmt(report['model']['r_at_1'])} with the cascade, {_fmt(full['r_at_1'])} without; "
+             f"P@1 {_fmt(report['model']['p_at_1'])} / {_fmt(full['p_at_1'])}; "
+             f"F1 {_fmt(report['model']['f1'])} / {_fmt(full['f1'])}.", ""]
+    docs = report.get("documents", {}).get("sources", {})
+    if any("cascade" in e for e in docs.values()):
+        lines += ["| source | windows | cleared | windows at >= 3 (whole encoder) | of them cleared | "
+                  "histogram without the cascade |", "|---|---|---|---|---|---|"]
+        for name, e in docs.items():
+            if "cascade" in e:
+                k = e["cascade"]
+                lines.append(f"| {name} | {e['windows']} | {k['cleared']:.1%} | {k['harmful_windows']} | {k['missed']} | "
+                             + " / ".join(map(str, k["histogram_without"])) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -257,8 +292,18 @@ def document_evaluation(model_dir: str, doc_cfg, split: str = "test", batch_size
     scored = {}
     for name, docs in sets.items():
         ids, owner = scorer.windows([d.text for d in docs])
-        probs = scorer.scorer.probs_ids(ids) if ids else np.zeros((0, rubric.NUM_SCORES), np.float32)
+        probs = np.zeros((0, rubric.NUM_SCORES), np.float32)
+        if ids and not scorer.scorer.cascade:
+            probs = scorer.scorer.probs_ids(ids)
         entry = {"n": len(docs), "windows": len(ids)}
+        if scorer.scorer.cascade and ids:  # what the cascade clears here, against the whole encoder
+            probs, cleared = scorer.scorer.cascade_probs_ids(ids)
+            full = scorer.scorer.full_probs_ids(ids)
+            bad = cascade.harmful(full)
+            hist = np.bincount([r.score for r in document_scores(full, owner, len(docs), scorer.rule)],
+                               minlength=rubric.NUM_SCORES)
+            entry["cascade"] = {"cleared": float(cleared.mean()), "harmful_windows": int(bad.sum()),
+                                "missed": int((cleared & bad).sum()), "histogram_without": hist.tolist()}
         for rule_name, rule in rules.items():
             results = document_scores(probs, owner, len(docs), rule)
             hist = np.bincount([r.score for r in results], minlength=rubric.NUM_SCORES)

@@ -90,10 +90,12 @@ class Scorer:
     IN_FLIGHT = 4
 
     def __init__(self, directory: str, *, batch_size: int = 32, mesh=None, dtype: str | None = None,
-                 calibrated: bool = True):
+                 calibrated: bool = True, cascade: bool = True):
         """`dtype` overrides the export's compute dtype (e.g. "bfloat16"); parameters stay float32.
         Probabilities are calibrated by the export's temperature and bias (safety/calibration.py)
-        unless `calibrated` is False (the raw head, for fitting them)."""
+        unless `calibrated` is False (the raw head, for fitting them). With `cascade` and an
+        export that carries one (safety/cascade.py), windows its first stage clears skip the
+        rest of the encoder."""
         import orbax.checkpoint as ocp
 
         self.cfg = read_export_config(directory)
@@ -124,10 +126,17 @@ class Scorer:
         self._batch = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
         self._probs = jax.jit(self._forward, in_shardings=(replicated, self._batch, self._batch),
                               out_shardings=self._batch)
+        self._pooled = jax.jit(self._pool, static_argnums=3, in_shardings=(replicated, self._batch, self._batch),
+                               out_shardings=self._batch)
+        self.cascade = self.record.get("cascade") if cascade and calibrated else None
+        self.windows_cleared = 0  # by the cascade, since construction (benchmarks read it)
 
     def _forward(self, params, tokens, mask):
         model = nnx.merge(self.graphdef, params)
         return jax.nn.softmax(model(tokens, mask) / self.temperature + self.bias, axis=-1)
+
+    def _pool(self, params, tokens, mask, num_layers):
+        return nnx.merge(self.graphdef, params).encoder.pool(tokens, mask, num_layers)
 
     def buckets(self) -> list[int]:
         """Padded lengths: powers of two from 16, and seq_len (one compilation each)."""
@@ -141,6 +150,8 @@ class Scorer:
         for width in self.buckets():
             rows = np.ones((self.batch_size, width), np.int32)
             jax.block_until_ready(self._probs(self.params, rows, rows))
+            if self.cascade:
+                jax.block_until_ready(self._pooled(self.params, rows, rows, self.cascade["exit_layer"]))
 
     def probs(self, texts: list[str]) -> np.ndarray:
         """(len(texts), num_classes) float32 probabilities; texts longer than seq_len are truncated."""
@@ -148,7 +159,36 @@ class Scorer:
 
     def probs_ids(self, rows: list[list[int]]) -> np.ndarray:
         """(len(rows), num_classes) float32 probabilities of token id rows (special tokens
-        included, at most seq_len each).
+        included, at most seq_len each); through the cascade when the scorer has one."""
+        if not self.cascade or not len(rows):
+            return self.full_probs_ids(rows)
+        return self.cascade_probs_ids(rows)[0]
+
+    def cascade_probs_ids(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities through the cascade, and which rows its first stage cleared."""
+        from safejax.safety import cascade
+
+        scores = cascade.exit_scores(self.pooled_ids(rows, self.cascade["exit_layer"]), self.cascade["head"])
+        cleared = scores < self.cascade["threshold"]
+        out = np.broadcast_to(np.asarray(self.cascade["cleared_probs"], np.float32),
+                              (len(rows), self.cfg.num_classes)).copy()
+        rest = np.flatnonzero(~cleared)
+        if len(rest):
+            out[rest] = self.full_probs_ids([rows[i] for i in rest])
+        self.windows_cleared += int(cleared.sum())
+        return out, cleared
+
+    def full_probs_ids(self, rows: list[list[int]]) -> np.ndarray:
+        """Probabilities of every row through the whole encoder (no cascade)."""
+        return self._batched(lambda tokens, mask: self._probs(self.params, tokens, mask), rows, self.cfg.num_classes)
+
+    def pooled_ids(self, rows: list[list[int]], num_layers: int) -> np.ndarray:
+        """(len(rows), d_model) mean-pooled outputs of the encoder's first `num_layers` layers."""
+        return self._batched(lambda tokens, mask: self._pooled(self.params, tokens, mask, num_layers), rows,
+                             self.cfg.encoder.d_model)
+
+    def _batched(self, fn, rows: list[list[int]], width_out: int) -> np.ndarray:
+        """`fn(tokens, mask)` over padded batches of the rows, results in the rows' order.
 
         Rows are sorted by length and each batch padded only to the smallest bucket that holds
         it, so short rows cost a fraction of a full-length forward pass. Up to IN_FLIGHT batches
@@ -160,7 +200,7 @@ class Scorer:
             raise ValueError(f"a row of {lengths.max()} tokens is longer than seq_len={self.cfg.seq_len}")
         order = np.argsort(lengths, kind="stable")
         buckets = self.buckets()
-        out = np.zeros((len(rows), self.cfg.num_classes), np.float32)
+        out = np.zeros((len(rows), width_out), np.float32)
         pending = collections.deque()
         for start in range(0, len(rows), self.batch_size):
             idx = order[start:start + self.batch_size]
@@ -169,10 +209,10 @@ class Scorer:
             for row, k in enumerate(idx):
                 tokens[row, :lengths[k]] = rows[k]
             tokens[len(idx):, 0] = tokens[0, 0]  # filler rows: one real token, never all padding
-            pending.append((idx, self._probs(self.params, tokens, (tokens != 0).astype(np.int32))))
+            pending.append((idx, fn(tokens, (tokens != 0).astype(np.int32))))
             if len(pending) > self.IN_FLIGHT:
-                idx, probs = pending.popleft()
-                out[idx] = np.asarray(probs)[:len(idx)]
-        for idx, probs in pending:
-            out[idx] = np.asarray(probs)[:len(idx)]
+                idx, result = pending.popleft()
+                out[idx] = np.asarray(result)[:len(idx)]
+        for idx, result in pending:
+            out[idx] = np.asarray(result)[:len(idx)]
         return out

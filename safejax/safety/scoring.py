@@ -41,13 +41,15 @@ class DocumentScorer:
     """
 
     def __init__(self, checkpoint: str, *, batch_size: int = 64, overlap: int | None = None, dtype: str | None = None,
-                 rule: str | None = None, calibrated: bool = True):
-        """`rule`: "calibrated" or "max" (None: the export's, "max" for an export without one)."""
+                 rule: str | None = None, calibrated: bool = True, cascade: bool = True):
+        """`rule`: "calibrated" or "max" (None: the export's, "max" for an export without one);
+        `cascade`: the export's scoring cascade (safety/cascade.py) where it has one."""
         import tokenizers
 
         from safejax.safety.classifier_export import Scorer
 
-        self.scorer = Scorer(model_dir(checkpoint), batch_size=batch_size, dtype=dtype, calibrated=calibrated)
+        self.scorer = Scorer(model_dir(checkpoint), batch_size=batch_size, dtype=dtype, calibrated=calibrated,
+                             cascade=cascade)
         fitted = self.scorer.record.get("document_rule") if calibrated else None
         if rule not in (None, "max", "calibrated"):
             raise errors.UserError(f"--rule must be max or calibrated, got {rule!r}")
@@ -134,25 +136,28 @@ def score_shard(scorer: DocumentScorer, index: int, path: str, output_dir: str,
     return count
 
 
-def check_manifest(output_dir: str, checkpoint: str, files: list[str], rule: str | None = None) -> None:
-    """One output folder, one model, rule and input list: a rerun resumes, another job is refused."""
+def check_manifest(output_dir: str, checkpoint: str, files: list[str], rule: str | None = None,
+                   cascade: bool = True) -> None:
+    """One output folder, one model, rule, cascade setting and input list: a rerun resumes,
+    another job is refused."""
     manifest = {"checkpoint": os.path.abspath(checkpoint), "inputs": [os.path.abspath(f) for f in files],
-                "rule": rule or "export"}
+                "rule": rule or "export", **({} if cascade else {"cascade": "off"})}
     sources.claim_output_dir(output_dir, manifest, "scores")
 
 
 def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, batch_size: int = 64,
                  overlap: int | None = None, progress_bar: bool = True, dtype: str | None = None,
-                 rule: str | None = None) -> dict:
+                 rule: str | None = None, cascade: bool = True) -> dict:
     """Scores every input file this process owns; returns a summary. `dtype` "bfloat16" runs the
     encoder's matmuls in bf16 (less CPU; speed and agreement with float32 in benchmarks/PEERS.md)."""
     import jax
 
     files = sources.expand_files(inputs)
     # The model first: a mistyped --checkpoint must not claim the output folder for itself.
-    scorer = DocumentScorer(checkpoint, batch_size=batch_size, overlap=overlap, dtype=dtype, rule=rule)
+    scorer = DocumentScorer(checkpoint, batch_size=batch_size, overlap=overlap, dtype=dtype, rule=rule,
+                            cascade=cascade)
     if jax.process_index() == 0:
-        check_manifest(output_dir, checkpoint, files, rule)
+        check_manifest(output_dir, checkpoint, files, rule, cascade)
     QUARANTINE.reset()  # the summary counts this job's records only
     QUARANTINE.write_to(os.path.join(output_dir, f"quarantine-{jax.process_index()}.jsonl"))
     mine = [(i, f) for i, f in enumerate(files) if i % jax.process_count() == jax.process_index()]

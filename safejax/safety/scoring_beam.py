@@ -22,7 +22,7 @@ from safejax.safety import scoring
 
 class ScoreShards(beam.DoFn):
     def __init__(self, checkpoint: str, output_dir: str, options: dict):
-        """`options`: DocumentScorer's keyword arguments (batch_size, overlap, dtype, rule)."""
+        """`options`: DocumentScorer's keyword arguments (batch_size, overlap, dtype, rule, cascade)."""
         self._checkpoint, self._output_dir, self._options = checkpoint, output_dir, options
         self._scorer = None
 
@@ -37,12 +37,12 @@ class ScoreShards(beam.DoFn):
 
 def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, beam_args: Sequence[str],
                  *, batch_size: int = 64, overlap: int | None = None, dtype: str | None = None,
-                 rule: str | None = None) -> dict:
+                 rule: str | None = None, cascade: bool = True) -> dict:
     """Runs the pipeline (DirectRunner unless `beam_args` name another); returns a summary."""
     files = sources.expand_files(inputs)
     read_export_config(scoring.model_dir(checkpoint))  # a mistyped --checkpoint must not claim the folder
-    scoring.check_manifest(output_dir, checkpoint, files, rule)
-    options = dict(batch_size=batch_size, overlap=overlap, dtype=dtype, rule=rule)
+    scoring.check_manifest(output_dir, checkpoint, files, rule, cascade)
+    options = dict(batch_size=batch_size, overlap=overlap, dtype=dtype, rule=rule, cascade=cascade)
     with beam.Pipeline(options=PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])) as pipeline:
         _ = (pipeline | "shards" >> beam.Create(list(enumerate(files)))
              | "spread" >> beam.Reshuffle()

@@ -34,7 +34,7 @@ from safejax import config, errors, parallel
 from safejax.models import encoder as enc
 from safejax.models.classifier import ClassifierConfig, SafetyClassifier, is_head
 from safejax.safety.classifier_export import export
-from safejax.safety import calibration, documents, labeled
+from safejax.safety import calibration, cascade, documents, labeled
 from safejax.train import optim
 from safejax.train.checkpoint import Checkpointer
 from safejax.train.trainer import TrainConfig, Trainer, fit
@@ -321,10 +321,19 @@ def train(workdir: str) -> dict:
     if jax.process_index() == 0:
         export(jax.device_get(state["params"]), model, model_dir)
         corpus = documents.load_corpus(doc_cfg)
-        clean = [d.text for name in doc_cfg.clean_sources for d in corpus[name]["validation"]]
+        clean = {name: [d.text for d in corpus[name]["validation"]] for name in doc_cfg.clean_sources}
+        benign = ({"xstest_safe": [d.text for d in documents.load_xstest(
+            seed=doc_cfg.seed, fractions=doc_cfg.xstest_split_fractions)["xstest_safe"]["validation"]]}
+                  if doc_cfg.xstest else {})
+        val_texts, val_labels = [e.text for e in built.calibration], np.array([e.score for e in built.calibration])
         summary["calibration"] = calibration.calibrate_export(
-            model_dir, [e.text for e in built.calibration], np.array([e.score for e in built.calibration]), clean,
-            data_cfg.seed, train_cfg.batch_size, train_cfg.document_false_positive_rate)
+            model_dir, val_texts, val_labels, clean, data_cfg.seed, train_cfg.batch_size,
+            train_cfg.document_false_positive_rate, benign)
+        fitted = cascade.fit_export(
+            model_dir, cascade.CascadeConfig(), [e.text for e in train_data.examples], train_data.labels,
+            val_texts, val_labels, [t for texts in clean.values() for t in texts], data_cfg.seed,
+            train_cfg.batch_size)
+        summary["cascade"] = fitted and {k: v for k, v in fitted.items() if k not in ("head", "cleared_probs")}
         if train_cfg.evaluate:
             summary["eval"] = classifier_eval.evaluate(workdir)["model"]
     summary.update(workdir=os.path.abspath(workdir), model=os.path.abspath(model_dir))
