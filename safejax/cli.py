@@ -14,12 +14,6 @@ import sys
 from safejax import errors
 
 
-def _quiet_native_logs() -> None:
-    """TensorFlow and XLA log a lot at start-up; keep the console for our output."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-
-
 def _add_gin_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gin_file", action="append", default=[],
                         help="gin config file (repeatable; later files override earlier ones)")
@@ -482,8 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_native_logs()
-    from safejax import config
+    from safejax import config  # (`import safejax` has quietened the native libraries' logs)
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -501,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"(got --gin.{bindings[0].split(' = ')[0]})\n")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
+    if not args.verbose:  # the libraries on absl logging (orbax, seqio) report what we report in one line
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         return args.run(args, bindings)
     except errors.UserError as e:

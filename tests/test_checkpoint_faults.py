@@ -1,12 +1,17 @@
-"""Damaged checkpoints (issue 20 item 3): a newest step with files missing or arrays cut short is
-skipped with a warning naming it, and every reader (resume, sample/serve/export's loader, the
-record reader) falls back to the newest intact step."""
+"""Checkpoint faults (issue 20 items 3 and 5): a newest step with files missing or arrays cut
+short is skipped with a warning naming it, and every reader (resume, sample/serve/export's
+loader, the record reader) falls back to the newest intact step; a save that fails mid-run stops
+the run in one line, leaves no partial step, and a rerun resumes."""
 
 import glob
 import json
 import logging
 import os
+import resource
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -78,3 +83,41 @@ def test_no_intact_step_is_a_one_line_error(run, tmp_path):
     inference_checkpoint.parse_config(workdir)
     with pytest.raises(errors.UserError, match=r"no intact checkpoint in .*: steps \[2, 4\] are damaged"):
         inference_checkpoint.load(workdir)
+
+
+# ---- 5. a save that fails mid-run (the disk is full) ---------------------------------------
+
+def _train_cmd(workdir, *bindings):
+    return [sys.executable, "-m", "safejax.cli", "train", f"--gin_file={TINY}", f"--workdir={workdir}",
+            *[f"--gin.{b.replace(' ', '')}" for b in FAST], *[f"--gin.{b}" for b in bindings]]
+
+
+def _file_size_limit(limit: int):
+    """The kernel then fails every write past `limit` bytes of a file with EFBIG ("File too
+    large"): a real OS error in the real writers (TensorStore's C++ writes included), as a full
+    disk gives ENOSPC; no test can fill a disk, and no small filesystem can be mounted here."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error to the writer, not a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.slow
+def test_a_failed_save_stops_the_run_in_one_line_and_a_rerun_resumes(run, tmp_path):
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(run, workdir)  # steps 2 and 4 (a checkpoint is ~14 MB, metrics lines far less)
+    env = {**os.environ, "SAFEJAX_HUGE_PAGES": "0", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
+    longer = ["TRAIN_STEPS=12", "CHECKPOINT_EVERY=4", "DataConfig.eval_batches=0"]
+    failed = subprocess.run(_train_cmd(workdir, *longer), env=env, capture_output=True, text=True, timeout=600,
+                            preexec_fn=_file_size_limit(1_000_000))
+    err = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2 and len(err) == 1, failed.stderr[-3000:]
+    assert err[0].startswith("safejax: error: could not write a checkpoint: ") and "File too large (errno 27)" in err[0]
+    assert f"{workdir}/checkpoints/8" in err[0] and "newest intact checkpoint is step 4" in err[0]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]  # no *.orbax-checkpoint-tmp
+
+    resumed = subprocess.run(_train_cmd(workdir, *longer), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert (summary["start_step"], summary["step"]) == (4, 12)

@@ -4,14 +4,15 @@ full disk, bad configuration, signals, huge seeds, replayed metrics, a cut-short
 Each test reproduces the failure first: it fails on the code before its fix.
 """
 
-import gzip
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from conftest import FAST, TINY
-from safejax import cli, errors
+from safejax import cli, errors, native_logs
 from safejax.data import scores, sources
 from safejax.data.quarantine import QUARANTINE
 from safejax.safety import documents, labeled, labeler
@@ -105,3 +106,28 @@ def test_label_never_sends_a_lone_surrogate_and_keeps_its_labels(tmp_path, monke
     finally:
         fake.server.shutdown()
         fake.server.server_close()
+
+
+# ---- 15. no native start-up logs on a CPU host --------------------------------------------
+
+def _quiet_env():
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY")}
+    return {**env, "JAX_PLATFORMS": "cpu", "SAFEJAX_HUGE_PAGES": "0"}
+
+
+@pytest.mark.slow
+def test_import_safejax_then_tensorflow_prints_nothing():
+    code = "import safejax, tensorflow as tf, jax; tf.constant(1) + 1; jax.devices()"
+    done = subprocess.run([sys.executable, "-c", code], env=_quiet_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    loud = subprocess.run([sys.executable, "-c", code], env={**_quiet_env(), native_logs.SWITCH: "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert "oneDNN" in loud.stderr or "absl::InitializeLog" in loud.stderr  # what is being kept off
+
+
+@pytest.mark.slow
+def test_data_stats_prints_its_report_and_nothing_on_stderr(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "safejax.cli", "data", "stats", "raw", "--max_documents", "5"],
+                          env=_quiet_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert json.loads(done.stdout)["documents"] == 5

@@ -331,6 +331,7 @@ def test_split_puts_every_document_in_exactly_one_score_folder(split_dir, data_f
     folders = _folder_ids(split_dir)
     every = [i for ids in folders.values() for i in ids]
     assert sorted(every) == sorted(f"doc-{i}" for i in range(240))  # each valid document once
+    assert not os.path.exists(os.path.join(split_dir, "tmp"))  # every shard renamed out of it
     for score, ids in folders.items():
         assert ids and all(fx.score_of(int(i[4:])) == score for i in ids)
     record = next(sources.iter_records(tf.io.gfile.glob(os.path.join(split_dir, "score_3", "*"))))

@@ -18,7 +18,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from safejax import errors
+from safejax import errors, native_logs
 from safejax import vocab as vocab_lib
 from safejax.data import chat
 
@@ -106,7 +106,7 @@ def _to_model_features(batch: dict[str, np.ndarray], tag_id: int | None = None) 
 def _iterate(ds: tf.data.Dataset, task: str) -> Iterator[dict[str, np.ndarray]]:
     """Batches as numpy; a failed data check (a document without a score) as a UserError."""
     try:
-        yield from ds.as_numpy_iterator()
+        yield from native_logs.first_quietly(ds.as_numpy_iterator())
     except tf.errors.InvalidArgumentError as e:
         if "assertion failed" not in e.message:
             raise

@@ -97,11 +97,14 @@ def split_by_score(output_dir: str, corpus: seqio.DataSource = gin.REQUIRED,
     sources.claim_output_dir(output_dir, {"corpus": list(shards), "scores": files, **policy},
                              "a split")
     table = scores_lib.read_scores(files, score_field, cuts)
-    for folder in ["tmp", *(FOLDER.format(s) for s in range(scores_lib.NUM_SCORES))]:
+    for folder in (FOLDER.format(s) for s in range(scores_lib.NUM_SCORES)):
         tf.io.gfile.makedirs(os.path.join(output_dir, folder))
     totals = dict.fromkeys(range(scores_lib.NUM_SCORES), 0)
     for shard in range(len(shards)):
         for score, count in _split_shard(corpus, table, output_dir, shard, len(shards), on_missing_score).items():
             totals[score] += count
+    temp = os.path.join(output_dir, "tmp")  # every shard renamed out of it: nothing to leave behind
+    if tf.io.gfile.isdir(temp) and not tf.io.gfile.listdir(temp):
+        tf.io.gfile.rmtree(temp)
     return {"split_dir": output_dir, "documents": {FOLDER.format(s): n for s, n in totals.items()},
             "quarantined": QUARANTINE.counts()}

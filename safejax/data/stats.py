@@ -13,7 +13,7 @@ import collections
 import seqio
 import tensorflow as tf
 
-from safejax import errors
+from safejax import errors, native_logs
 from safejax import vocab as vocab_lib
 from safejax.data import tasks
 from safejax.data.quarantine import QUARANTINE
@@ -61,7 +61,8 @@ def task_stats(task: seqio.Task, split: str = "train", seed: int = 42, limit: in
 
     totals = collections.Counter()
     scores = collections.Counter()
-    for m in documents(task, split, seed, limit).map(measure, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator():
+    measured = documents(task, split, seed, limit).map(measure, num_parallel_calls=tf.data.AUTOTUNE)
+    for m in native_logs.first_quietly(measured.as_numpy_iterator()):
         totals["documents"] += 1
         totals["tokens"] += int(m["tokens"])
         if m["tagged"]:
@@ -82,7 +83,8 @@ def mixture_shares(mixture: seqio.Mixture, samples: int, seed: int) -> dict[str,
     lengths = {name: 128 for name in mixture.output_features}  # chat mixtures have a loss_mask too
     ds = mixture.get_dataset(lengths, split="train", shuffle=True, seed=seed,
                              num_epochs=None, passthrough_features=["kind"])
-    counts = collections.Counter(x["kind"].decode() for x in ds.take(samples).as_numpy_iterator())
+    kinds = native_logs.first_quietly(ds.take(samples).as_numpy_iterator())
+    counts = collections.Counter(x["kind"].decode() for x in kinds)
     return {kind: counts[kind] / samples for kind in sorted(counts)}
 
 
@@ -139,7 +141,8 @@ def show(name: str, count: int, split: str = "train", seed: int = 42) -> list[di
     shown = []
     for task in task_list:
         vocabulary = task.output_features["targets"].vocabulary
-        for example in documents(task, split, seed, None).take(count - len(shown)).as_numpy_iterator():
+        examples = documents(task, split, seed, None).take(count - len(shown))
+        for example in native_logs.first_quietly(examples.as_numpy_iterator()):
             ids = example["targets"].tolist()
             item = {"task": task.name, "id": example["id"].decode(), "tokens": len(ids),
                     "text": decode_with_markers(vocabulary, ids)}

@@ -10,14 +10,22 @@ and `read_record`, nothing else.
 A damaged step (files missing, arrays cut short: a crash or a full disk mid-write, a bad copy)
 is skipped by `Checkpointer.open` with a warning naming it, and the newest step that reads whole
 is used; a writer moves the damaged steps aside (checkpoints-damaged/) so the run can write
-those steps again.
+those steps again. A save that fails (a full disk, no permission) stops the run as soon as it is
+known (`check`, after every step): CheckpointWriteError names the path and the OS error, the
+partial step is removed, and a rerun resumes from the newest intact one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import glob
 import logging
 import os
+import re
+import shutil
+import sys
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -30,6 +38,52 @@ from safejax import errors
 
 T = TypeVar("T")
 DAMAGED_DIR = "checkpoints-damaged"  # beside checkpoints/: the steps a writer set aside
+PARTIAL_GLOB = "*.orbax-checkpoint-tmp*"  # orbax writes a step here, then renames it into place
+# TensorStore's words for a failed write: 'Failed writing: "PATH": ... : REASON [os_error_code='N']'
+_TENSORSTORE_WRITE = re.compile(r'Failed writing: "([^"]+)".*?: ([^:\[]+?) \[os_error_code=\'(\d+)\'\]')
+
+
+class CheckpointWriteError(errors.UserError):
+    """A checkpoint could not be written (disk full, no permission): the run stops, and a rerun
+    resumes from the newest intact checkpoint once the cause is fixed."""
+
+
+class _FailedWriteEchoes(logging.Filter):
+    """asyncio's '... exception was never retrieved' for orbax's other writes of a failed save."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("exception was never retrieved" in message and "orbax" in message)
+
+
+@functools.cache
+def _quiet_failed_write_echoes() -> None:
+    """When one write of a save fails, TensorStore's other writes of that step still finish: each
+    reports the same failure again (asyncio logs its task, and its callback into orbax's event
+    loop, closed by then, raises 'Event loop is closed' as an unraisable exception). The failure
+    is reported once, by CheckpointWriteError; these echoes are not printed."""
+    logging.getLogger("asyncio").addFilter(_FailedWriteEchoes())
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def write_failure(e: BaseException) -> str:
+    """'PATH: OS error (errno N)' from a failed save: an OSError in the exception's chain (Python
+    writers) or TensorStore's message (the arrays), else its first line."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"{seen.filename or '?'}: {seen.strerror} (errno {seen.errno})"
+        seen = seen.__cause__ or seen.__context__
+    match = _TENSORSTORE_WRITE.search(str(e))
+    if match:
+        return f"{match.group(1)}: {match.group(2).strip()} (errno {match.group(3)})"
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +119,15 @@ class Checkpointer:
     """One workdir's checkpoints. `read_only` opens an existing one (no directory is created)."""
 
     def __init__(self, workdir: str, *, keep: int = 3, asynchronous: bool = True, read_only: bool = False):
-        self.read_only = read_only
+        self.read_only, self._failed = read_only, False
+        if not read_only:
+            _quiet_failed_write_echoes()
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         if read_only and not os.path.isdir(self.directory):
             raise errors.UserError(f"{workdir} has no checkpoints/ directory")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                               enable_async_checkpointing=asynchronous and not read_only)
+                                               enable_async_checkpointing=asynchronous and not read_only,
+                                               cleanup_tmp_directories=not read_only)  # a killed run's partial step
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "meta"))
 
@@ -148,8 +205,30 @@ class Checkpointer:
         """Starts writing (asynchronously) a checkpoint; refuses to save non-finite values."""
         if not all_finite(state):
             raise FloatingPointError(f"refusing to save a non-finite train state at step {step}")
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record.to_json())), force=force)
+        with self._stop_on_failure():
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(record.to_json())), force=force)
+
+    def check(self) -> None:
+        """Raises CheckpointWriteError once an asynchronous save has failed (cheap: once a step)."""
+        with self._stop_on_failure():
+            self._manager.check_for_errors()
+
+    @contextlib.contextmanager
+    def _stop_on_failure(self):
+        try:
+            yield
+        except errors.UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 (orbax and TensorStore raise plain Exceptions)
+            self._failed = True
+            for partial in glob.glob(os.path.join(self.directory, PARTIAL_GLOB)):
+                shutil.rmtree(partial, ignore_errors=True)
+            self._manager.reload()
+            intact = self._manager.latest_step()
+            raise CheckpointWriteError(
+                f"could not write a checkpoint: {write_failure(e)}; training stopped, the newest intact checkpoint "
+                f"is {'step ' + str(intact) if intact is not None else 'none'}; fix that and rerun to resume") from e
 
     def read_record(self, step: int) -> CheckpointRecord:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -171,10 +250,16 @@ class Checkpointer:
         return restored.state["params"]
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        if not self._failed:
+            with self._stop_on_failure():
+                self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            self._manager.close()
+        except Exception:  # noqa: BLE001 (the failed save, raised once already)
+            if not self._failed:
+                raise
 
 
 def read_record(workdir: str, step: int | None = None) -> CheckpointRecord:

@@ -390,6 +390,7 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
             pending = (step, device_metrics)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save(step)
+            checkpointer.check()  # a failed save (disk full) stops the run at once
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and eval_future.result():
                 writer.write(step, trainer.evaluate(state["params"], eval_future.result()))
             if preemption.reached(step):
