@@ -121,3 +121,5 @@ def test_a_failed_save_stops_the_run_in_one_line_and_a_rerun_resumes(run, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert (summary["start_step"], summary["step"]) == (4, 12)
+    steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert steps == list(range(1, 13))  # the failed run's rows past step 4 were replayed, not kept twice

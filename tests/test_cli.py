@@ -101,9 +101,10 @@ def test_kill_and_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
                             text=True, timeout=600)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["start_step"] in (4, 8, 12) and summary["step"] == 16
-    resumed = _records(killed)[done_before_kill:]
-    assert [r["step"] for r in resumed] == list(range(summary["start_step"] + 1, 17))
-    for r in resumed:  # bit-identical on the CPU
+    assert done_before_kill >= 10
+    records = _records(killed)  # the killed run's rows past the checkpoint were dropped, then replayed
+    assert [r["step"] for r in records] == list(range(1, 17))
+    for r in records:  # bit-identical on the CPU
         assert r["loss"] == expected[r["step"]], r["step"]
 
 

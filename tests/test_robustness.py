@@ -131,3 +131,51 @@ def test_data_stats_prints_its_report_and_nothing_on_stderr(tmp_path):
                           env=_quiet_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert json.loads(done.stdout)["documents"] == 5
+
+
+# ---- 12. replayed metrics rows, a gzip file cut short ---------------------------------------
+
+def test_a_resumed_run_drops_the_metrics_rows_past_its_checkpoint(tmp_path):
+    from safejax.train.metrics import MetricsWriter
+
+    rows = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 11)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 11, "lo')  # killed mid-line
+    writer = MetricsWriter(str(tmp_path), start_step=4)
+    writer.write(5, {"loss": 0.5})
+    writer.close()
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+@pytest.fixture
+def cut_gzip(tmp_path):
+    import gzip
+
+    path = tmp_path / "cut.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for i in range(2000):
+            f.write(json.dumps({"id": f"d{i}", "text": f"words and more words {i} " * 8}) + "\n")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    lines = sources.gzip_lines_if_cut_short(str(path))
+    assert 0 < lines < 2000
+    return str(path), lines
+
+
+def test_a_gzip_file_cut_short_is_reported_as_truncated_by_both_readers(cut_gzip):
+    path, lines = cut_gzip
+    QUARANTINE.reset()
+    assert len(list(sources.iter_records([path]))) == lines
+    assert QUARANTINE.counts() == {"truncated_file": 1}
+    QUARANTINE.reset()
+    ds = sources.JsonlDataSource([path], validation_permille=0).get_dataset("train", shuffle=False)
+    assert len(list(ds.as_numpy_iterator())) == lines
+    assert QUARANTINE.counts() == {"truncated_file": 1}  # not a lone bad_json line
+
+
+def test_a_whole_multi_member_gzip_file_is_not_cut_short(tmp_path):
+    import gzip
+
+    path = tmp_path / "two.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "a"}\n') + gzip.compress(b'{"text": "b"}\n'))
+    assert sources.gzip_lines_if_cut_short(str(path)) is None

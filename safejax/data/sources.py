@@ -13,11 +13,13 @@ when there are at least as many files as hosts, every n-th record otherwise (seq
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -180,6 +182,9 @@ def parse_json_line(raw: bytes, path: str, line: int, kind: str = "text",
         problem = "bad_json", f"{e.msg} at column {e.colno}"
     except LoneSurrogate as e:
         problem = "lone_surrogate", e.field
+    if problem and problem[0] == "bad_json" and path.endswith(".gz") and gzip_lines_if_cut_short(path) == line - 1:
+        _quarantine_cut_short(path, line - 1)  # the torn line is where the file ends: it was cut short
+        return None
     if problem:
         reason, detail = problem
         QUARANTINE.add(reason, (path, line), file=path, line=line, detail=detail, raw=raw_text(raw))
@@ -189,15 +194,46 @@ def parse_json_line(raw: bytes, path: str, line: int, kind: str = "text",
     return record
 
 
+@functools.lru_cache(maxsize=256)
+def gzip_lines_if_cut_short(path: str) -> int | None:
+    """The whole lines a gzip file holds when its stream ends before gzip's end marker (a copy or
+    a write cut short), else None. Decompresses the file once; asked only when a reader meets a
+    torn line in a gzip file or cannot read one to its end."""
+    lines, member_open = 0, False
+    decompressor = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            while chunk:
+                try:
+                    lines += decompressor.decompress(chunk).count(b"\n")
+                except zlib.error:  # damaged past this point: as good as cut short
+                    return lines
+                member_open = not decompressor.eof
+                chunk = decompressor.unused_data  # the next member of a multi-member file
+                if decompressor.eof:
+                    decompressor = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    return lines if member_open else None
+
+
+def _quarantine_cut_short(path: str, lines: int) -> None:
+    QUARANTINE.add("truncated_file", (path,), file=path, line=lines + 1,
+                   detail=f"gzip stream cut short: {lines} whole lines read")
+
+
 def iter_records(files: Sequence[str], kind: str = "text") -> Iterator[dict]:
-    """Valid records in file order (vocabulary training, statistics, the Beam job)."""
+    """Valid records in file order (vocabulary training, statistics, the Beam job); a gzip file
+    cut short is set aside from where it breaks off (`truncated_file`)."""
     for path in files:
-        with open_file(path) as f:
-            for line_no, raw in enumerate(f, start=1):
-                if raw.strip():
-                    record = parse_json_line(raw.rstrip(b"\r\n"), path, line_no, kind)
-                    if record is not None:
-                        yield record
+        line_no = 0
+        try:
+            with open_file(path) as f:
+                for line_no, raw in enumerate(f, start=1):
+                    if raw.strip():
+                        record = parse_json_line(raw.rstrip(b"\r\n"), path, line_no, kind)
+                        if record is not None:
+                            yield record
+        except EOFError:
+            _quarantine_cut_short(path, line_no)
 
 
 def iter_texts(files: Sequence[str]) -> Iterator[str]:

@@ -1,6 +1,8 @@
 """Training metrics: one JSON object a line in WORKDIR/metrics.jsonl and TensorBoard event files.
 
-Only process 0 writes; the other processes get a writer that does nothing.
+Only process 0 writes; the other processes get a writer that does nothing. A resumed run first
+drops the rows past the step it resumed from (written after that checkpoint by a run killed
+later, and about to be written again by the replayed steps), so each step has one row.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import tensorflow as tf
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, start_step: int = 0):
+        """`start_step`: the step the run resumes from (0: a fresh run)."""
         self.enabled = jax.process_index() == 0
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, "metrics.jsonl")
+        drop_rows_after(path, start_step)
+        self._jsonl = open(path, "a", encoding="utf-8")
         self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
@@ -37,6 +42,28 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Rewrites `path` (atomically) without its rows past `step` and a torn last line; returns
+    how many rows went."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if line.endswith("\n") and json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            pass  # a torn line of a killed run
+    if len(kept) == len(lines):
+        return 0
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return len(lines) - len(kept)
 
 
 def _plain(value):

@@ -340,7 +340,7 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
     state = resumed[1] if resumed else trainer.load_state(checkpointer, None, initial_params)
     start = int(_scalar(state["step"]))
     trainer.compile(start)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start)  # rows past `start` (a killed run's replayed steps) go
     peak = hardware.total_peak_flops(cfg.peak_flops_per_device)
     examples = trainer.global_batch_size
     tokens_per_step = trainer.objective.tokens_per_example() * examples
