@@ -1,13 +1,13 @@
 """Serving throughput: requests/s and latency percentiles of `safejax serve` under many clients.
 
     safejax bench serve [--config small] [--clients 64] [--rounds 3] [--new_tokens 16]
-                        [--server_file PATH]
+                        [--max_batch N] [--server_file PATH]
 
 The server runs in this process on 127.0.0.1 over a randomly initialised model of an LM config
 with the bundled vocabulary (speed does not depend on the weights); every client is an httpx
 connection that sends greedy /v1/completions requests of `--new_tokens` tokens one after the
-other (min_tokens is not sent, so a server without it can be measured). One untimed round
-compiles the batch shapes, then `--rounds` rounds of one request per client are timed.
+other (min_tokens is not sent, so a server without it can be measured). Untimed rounds of 1, 2, 4,
+... max_batch clients and one of all compile the batch shapes, then `--rounds` rounds of one request per client are timed.
 `--server_file` measures another implementation with the same `Server(generator, config,
 model_name)` interface (e.g. an older revision of safejax/inference/server.py) under the same
 load. Prints one JSON line.
@@ -89,14 +89,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new_tokens", type=int, default=16)
+    parser.add_argument("--max_batch", type=int, help="requests decoded together (default: ServerConfig.max_batch)")
     parser.add_argument("--server_file", help="another server implementation to measure (default: safejax's)")
     args = parser.parse_args(argv)
     generator = random_generator(args.config)
     module = load_server_module(args.server_file)
     cfg = module.ServerConfig()
-    server = module.Server(generator, dataclasses.replace(cfg, port=0), model_name="bench").start()
+    cfg = dataclasses.replace(cfg, port=0, **({} if args.max_batch is None else {"max_batch": args.max_batch}))
+    server = module.Server(generator, cfg, model_name="bench").start()
     try:
-        asyncio.run(_round(server.url, args.clients, args.new_tokens, offset=0))  # compiles; not timed
+        for size in [1 << i for i in range(cfg.max_batch.bit_length())] + [args.clients]:  # compiles; not timed
+            asyncio.run(_round(server.url, size, args.new_tokens, offset=0))
         latencies, tokens, failed = [], 0, 0
         start = time.perf_counter()
         for r in range(args.rounds):
