@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import threading
 
 from safejax import errors
 
@@ -37,6 +38,12 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", help="SentencePiece model (default: the one the training config names)")
 
 
+def _exit_code(summary: dict) -> int:
+    """A training run stopped by Ctrl-C (after writing its checkpoint) exits 130, as interrupted
+    commands do; completed and preempted (SIGTERM) runs exit 0."""
+    return 130 if summary.get("status") == "interrupted" else 0
+
+
 def cmd_train(args, bindings) -> int:
     from safejax import config, parallel
     from safejax.train import plan, pretrain
@@ -53,7 +60,7 @@ def cmd_train(args, bindings) -> int:
     plan.check_runtime()
     summary = pretrain.train(args.workdir)
     print(json.dumps(summary))
-    return 0
+    return _exit_code(summary)
 
 
 def cmd_finetune(args, bindings) -> int:
@@ -72,7 +79,7 @@ def cmd_finetune(args, bindings) -> int:
         if accuracy is not None:
             summary["gsm8k"] = accuracy
     print(json.dumps(summary))
-    return 0
+    return _exit_code(summary)
 
 
 def cmd_vocab(args, bindings) -> int:
@@ -145,7 +152,7 @@ def cmd_classifier_train(args, bindings) -> int:
     _classifier_config(args.gin_file, bindings)
     summary = classify.train(args.workdir)
     print(json.dumps(summary))
-    return 0
+    return _exit_code(summary)
 
 
 def cmd_classifier_eval(args, bindings) -> int:
@@ -475,7 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_terminated(signum, frame):
+    raise errors.Terminated()
+
+
+# Commands for which SIGTERM is a preemption: stopping before any work is as clean as after it.
+PREEMPTIBLE = ("train", "finetune", "classifier-train")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    if threading.current_thread() is threading.main_thread():  # commands may install their own later
+        signal.signal(signal.SIGTERM, _raise_terminated)
     from safejax import config  # (`import safejax` has quietened the native libraries' logs)
 
     parser = build_parser()
@@ -504,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("safejax: interrupted", file=sys.stderr)
         return 130
+    except errors.Terminated:
+        kept = "the checkpoints written are kept" if args.command in PREEMPTIBLE else "what it finished is kept"
+        print(f"safejax: stopped by SIGTERM ({kept}); rerun the same command to go on", file=sys.stderr)
+        return 0 if args.command in PREEMPTIBLE else 143
 
 
 # Subcommands whose compiled steps allocate temporaries large enough for huge pages to pay

@@ -6,8 +6,10 @@ Each test reproduces the failure first: it fails on the code before its fix.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -179,3 +181,41 @@ def test_a_whole_multi_member_gzip_file_is_not_cut_short(tmp_path):
     path = tmp_path / "two.jsonl.gz"
     path.write_bytes(gzip.compress(b'{"text": "a"}\n') + gzip.compress(b'{"text": "b"}\n'))
     assert sources.gzip_lines_if_cut_short(str(path)) is None
+
+
+# ---- 10. Ctrl-C mid-run, SIGTERM during start-up -------------------------------------------
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_checkpoint_and_the_rerun_resumes_there(tmp_path):
+    from test_cli import _env, _train_cmd, _wait_for_step
+
+    cmd = _train_cmd(tmp_path, "TRAIN_STEPS=10000", "CHECKPOINT_EVERY=5000", "DataConfig.eval_batches=0")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(proc, tmp_path, 3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "interrupted" and 3 <= summary["step"] < 10000
+    assert os.listdir(tmp_path / "checkpoints") == [str(summary["step"])]
+    again = _train_cmd(tmp_path, f"TRAIN_STEPS={summary['step'] + 1}", "CHECKPOINT_EVERY=5000",
+                       "DataConfig.eval_batches=0")
+    resumed = json.loads(subprocess.run(again, env=_env(), capture_output=True, text=True, check=True,
+                                        timeout=300).stdout.strip().splitlines()[-1])
+    assert (resumed["start_step"], resumed["step"]) == (summary["step"], summary["step"] + 1)
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_is_one_line_and_a_later_run_starts(tmp_path):
+    from test_cli import _env, _train_cmd
+
+    cmd = _train_cmd(tmp_path, "TRAIN_STEPS=2", "DataConfig.eval_batches=0")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # importing JAX, TensorFlow and seqio, before any step
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and out == "", (proc.returncode, out, err)
+    assert err.strip().splitlines() == ["safejax: stopped by SIGTERM (the checkpoints written are kept); "
+                                        "rerun the same command to go on"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])["step"] == 2

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -285,20 +286,26 @@ class Trainer:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (single-process runs).
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks after each step (single-
+    process runs): the run writes a checkpoint and stops. A second Ctrl-C stops at once.
 
     Multi-process runs use JAX's preemption sync point instead, so that every host stops at the
     same step.
     """
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.requested = self.interrupted = False
+        self._previous = {}
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.interrupted:
+            raise KeyboardInterrupt
         self.requested = True
+        self.interrupted = self.interrupted or signum == signal.SIGINT
+        if self.interrupted:
+            logging.warning("interrupted: writing a checkpoint after this step (Ctrl-C again stops at once)")
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -307,8 +314,8 @@ class _Preemption:
         return self.requested
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _scalar(x) -> float:
@@ -326,8 +333,18 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
     device. A fresh run takes its params from `initial_params()` when given (a finetune), and
     every checkpoint record names that source (`init_from`); a resume never calls it, and refuses
     a source other than the one its checkpoints name. Returns a summary: final step, status
-    (completed | preempted), last losses.
+    (completed | preempted: SIGTERM | interrupted: Ctrl-C), last losses.
     """
+    cfg = trainer.cfg
+    preemption = _Preemption()  # from here on a SIGTERM or Ctrl-C stops after a step, with a checkpoint
+    try:
+        return _fit(trainer, workdir, batches_from, load_eval_batches, schedule, initial_params, init_from,
+                    preemption)
+    finally:
+        preemption.restore()
+
+
+def _fit(trainer, workdir, batches_from, load_eval_batches, schedule, initial_params, init_from, preemption):
     cfg = trainer.cfg
     checkpointer = Checkpointer(workdir, keep=cfg.keep_checkpoints, asynchronous=cfg.async_checkpoints)
     resumed = trainer.resume(checkpointer)
@@ -346,7 +363,6 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
     tokens_per_step = trainer.objective.tokens_per_example() * examples
     flops_per_token = trainer.objective.flops_per_example() / trainer.objective.tokens_per_example()
     fingerprint = trainer.objective.fingerprint()
-    preemption = _Preemption()
     bar = tqdm.tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
                     disable=not (cfg.progress_bar and jax.process_index() == 0))
     summary = {"start_step": start, "status": "completed", "peak_flops": peak}
@@ -398,7 +414,7 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
                 pending = None
                 if step % cfg.checkpoint_every:
                     save(step, force=True)
-                summary["status"] = "preempted"
+                summary["status"] = "interrupted" if preemption.interrupted else "preempted"
                 break
         if pending:
             report(*pending)
@@ -412,7 +428,6 @@ def fit(trainer: Trainer, workdir: str, batches_from: Callable[[int], Iterator[d
         checkpointer.wait()
         checkpointer.close()
         writer.close()
-        preemption.restore()
     summary["step"] = int(_scalar(state["step"]))
     summary["nonfinite_steps"] = int(_scalar(state["nonfinite_steps"]))
     return summary
