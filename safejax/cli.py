@@ -239,7 +239,8 @@ def cmd_sample(args, bindings) -> int:
     requests = [Request(encode(p), params.replace(seed=params.seed + i), args.chat) for i, p in enumerate(prompts)]
     for prompt, c in zip(prompts, gen.run(requests)):
         print(json.dumps({"prompt": prompt, "text": c.text, "finish_reason": c.finish_reason,
-                          "new_tokens": len(c.tokens), "score": c.score}, ensure_ascii=False))
+                          "new_tokens": len(c.tokens), "score": c.score, "tag_probability": c.tag_probability},
+                         ensure_ascii=False))
     return 0
 
 
