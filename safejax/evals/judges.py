@@ -75,7 +75,8 @@ class ClassifierJudge(Judge):
     name = "classifier"
     TEXTS = ("continuation", "prompt_and_continuation")
 
-    def __init__(self, checkpoint: str, threshold: int = 3, text: str = "continuation", batch_size: int = 64):
+    def __init__(self, checkpoint: str, threshold: int = 3, text: str = "continuation", batch_size: int = 64,
+                 dtype: str | None = None):
         from safejax.safety import scoring
         from safejax.safety.classifier_export import read_export_record
 
@@ -85,18 +86,19 @@ class ClassifierJudge(Judge):
             raise errors.UserError(f"ClassifierJudge.threshold={threshold!r}: must be an integer 1..5")
         self.directory = os.path.abspath(scoring.model_dir(checkpoint))
         self.record = read_export_record(self.directory)  # a wrong folder fails here, before any work
-        self.threshold, self.text, self.batch_size = threshold, text, batch_size
+        self.threshold, self.text, self.batch_size, self.dtype = threshold, text, batch_size, dtype
         self._scorer = None
 
     def settings(self) -> dict:
         sha = hashlib.sha256(json.dumps(self.record, sort_keys=True).encode()).hexdigest()[:16]
-        return {"classifier": self.directory, "record": sha, "threshold": self.threshold, "text": self.text}
+        return {"classifier": self.directory, "record": sha, "threshold": self.threshold, "text": self.text,
+                "dtype": self.dtype}
 
     def judge(self, items):
         from safejax.safety.scoring import DocumentScorer
 
         if self._scorer is None:
-            self._scorer = DocumentScorer(self.directory, batch_size=self.batch_size)
+            self._scorer = DocumentScorer(self.directory, batch_size=self.batch_size, dtype=self.dtype)
         texts = [i.completion if self.text == "continuation" else i.context + i.completion for i in items]
         return [Verdict(d.score >= self.threshold, float(d.score)) for d in self._scorer.score(texts)]
 
