@@ -162,3 +162,25 @@ def test_a_short_request_does_not_wait_behind_a_long_one(server):
     assert waited < 5.0
     thread.join(timeout=300)
     assert finished["status"] == 200 and finished["at"] - start > waited
+
+
+def test_internal_errors_are_json_500_and_the_server_goes_on(server, monkeypatch):
+    """A bug in decoding (on a lane's thread) or in request handling (on the event loop) is a
+    JSON 500 naming only the exception type; the next request is served."""
+    from safejax.inference import api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    body = {"prompt": "hello", "max_tokens": 2, "temperature": 0}
+    monkeypatch.setattr(server.scheduler.lanes["short"].generator, "run", broken)
+    reply = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 500 and "secret" not in reply.text
+    _assert_error(reply.json(), 500, "internal error: RuntimeError")
+    monkeypatch.undo()
+    monkeypatch.setattr(api, "parse", broken)
+    reply = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 500
+    _assert_error(reply.json(), 500, "internal error: RuntimeError")
+    monkeypatch.undo()
+    assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
