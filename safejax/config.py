@@ -5,9 +5,13 @@ Every mistake in a config is turned into a one-line UserError naming the file or
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
+import tokenize
+import types
+import typing
 from collections.abc import Sequence
 
 import gin
@@ -48,12 +52,14 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     for path in files:
         try:
             gin.parse_config_file(path)
-        except (ValueError, KeyError, SyntaxError, OSError, TypeError) as e:
+        except (ValueError, KeyError, SyntaxError, OSError, TypeError, tokenize.TokenError) as e:
             raise errors.UserError(f"in gin file {path}: {_one_line(e)}") from e
     defined = _macros(gin.config_str())
     for binding in bindings:
         try:
             gin.parse_config(binding)
+        except tokenize.TokenError as e:  # an unclosed bracket or quote: `--gin.TRAIN_STEPS=[1`
+            raise errors.UserError(f"in binding '{binding}': unparsable value ({e.args[0]})") from e
         except (ValueError, KeyError, SyntaxError, TypeError) as e:
             raise errors.UserError(f"in binding '{binding}': {_one_line(e)}") from e
     _check_new_macros_are_read(bindings, defined)
@@ -75,6 +81,35 @@ def _check_new_macros_are_read(bindings: Sequence[str], defined: set[str]) -> No
             close = difflib.get_close_matches(name, sorted(defined | used), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise errors.UserError(f"in binding '{binding}': no gin file defines or reads the macro {name}{hint}")
+
+
+def _matches(value, hint) -> bool | None:
+    """Whether `value` is of the simple type `hint` (None: a type this check leaves alone)."""
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) is not False for arg in typing.get_args(hint))
+    return None
+
+
+def check_types(config) -> None:
+    """One-line UserError for a field of a config dataclass whose value is not of its declared
+    simple type (`--gin.DecoderConfig.d_model="'abc'"`), called from the configs' __post_init__
+    so a wrong type fails where the config is made, naming it, not in a traceback later."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if _matches(value, hints.get(field.name)) is False:
+            raise errors.UserError(f"{type(config).__name__}.{field.name} must be of type "
+                                   f"{getattr(hints[field.name], '__name__', hints[field.name])}, got {value!r}")
 
 
 def split_gin_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -99,8 +134,12 @@ def flag_bindings(args, bindings_of: dict[str, str]) -> list[str]:
 
 
 def write_effective_config(workdir: str) -> str:
-    os.makedirs(workdir, exist_ok=True)
+    """WORKDIR/config.gin; a workdir that cannot be written is a one-line error (the first write)."""
     path = os.path.join(workdir, "config.gin")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(gin.config_str())
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(gin.config_str())
+    except OSError as e:
+        raise errors.UserError(f"cannot write the workdir {workdir}: {e.strerror} ({e.filename or path})") from e
     return path

@@ -219,3 +219,51 @@ def test_sigterm_during_start_up_is_one_line_and_a_later_run_starts(tmp_path):
                                         "rerun the same command to go on"]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])["step"] == 2
+
+
+# ---- 9. wrong-type and unparsable gin values, a read-only workdir --------------------------
+
+@pytest.mark.parametrize("binding,message", [
+    ("DecoderConfig.d_model='abc'", "DecoderConfig.d_model must be of type int, got 'abc'"),
+    ("TRAIN_STEPS=[1", "in binding 'TRAIN_STEPS = [1': unparsable value"),
+    ("DecoderConfig.dtype='float99'", "DecoderConfig.dtype must be a floating dtype (float32, bfloat16, float16), "
+                                      "got 'float99'"),
+    ("DecoderConfig.tie_embeddings=1", "DecoderConfig.tie_embeddings must be of type bool, got 1"),
+    ("TrainConfig.seed=4294967296", "TrainConfig.seed must be an integer in [0, 2**32)"),
+    ("TrainConfig.seed=-1", "TrainConfig.seed must be an integer in [0, 2**32)"),
+])
+def test_bad_gin_values_are_one_line_errors(capsys, tmp_path, binding, message):
+    code = cli.main(["train", f"--gin_file={TINY}", f"--workdir={tmp_path}", f"--gin.{binding}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("safejax: error:"), err
+    assert message in err[0], err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_workdir_is_a_one_line_error(capsys, tmp_path):
+    workdir = tmp_path / "ro"
+    workdir.mkdir()
+    workdir.chmod(0o500)
+    code = cli.main(["train", f"--gin_file={TINY}", f"--workdir={workdir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"cannot write the workdir {workdir}: Permission denied" in err[0], err
+
+
+def test_write_effective_config_names_an_unwritable_workdir(tmp_path):
+    from safejax import config
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the workdir should be: no user can write into it
+    with pytest.raises(errors.UserError, match=f"cannot write the workdir {blocker}/run"):
+        config.write_effective_config(str(blocker / "run"))
+
+
+# ---- 11. seeds beyond 32 bits ---------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [2**32, -1])
+def test_sampling_seeds_outside_32_bits_are_refused(seed):
+    from safejax.inference.params import SamplingParams
+
+    SamplingParams(seed=2**32 - 1).validate(100, False)
+    with pytest.raises(errors.UserError, match=r"seed=.*must be an integer in \[0, 2\*\*32\)"):
+        SamplingParams(seed=seed).validate(100, False)

@@ -16,6 +16,7 @@ from safejax import errors
 STRATEGIES = ("greedy", "sample", "beam", "safebeam")
 TAG_FILTERS = ("none", "reject", "reweight")
 DROP_MODES = ("tag", "random")
+SEED_LIMIT = 1 << 32  # the sampler's per-row key is made from a uint32
 
 
 @gin.configurable
@@ -80,7 +81,8 @@ class SamplingParams:
              "must be > 0 for strategy 'sample' (0 means greedy)")
         need(_is_int(self.top_k) and 0 <= self.top_k <= vocab_size, "top_k", f"must be in 0..{vocab_size}")
         need(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        need(_is_int(self.seed), "seed", "must be an integer")
+        need(_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT, "seed",
+             "must be an integer in [0, 2**32) (a sampling key holds 32 bits: larger seeds would collide)")
         need(_is_int(self.num_beams) and 1 <= self.num_beams <= 64, "num_beams", "must be in 1..64")
         need(_is_num(self.length_penalty) and -4 <= self.length_penalty <= 4, "length_penalty", "must be in [-4, 4]")
         need(_is_int(self.expansions) and 1 <= self.expansions <= min(64, vocab_size), "expansions",

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from safejax import errors
+from safejax import config, errors
 from safejax.models import attention as attention_lib
 from safejax.models.layers import Attention, Embedding, RMSNorm, SwiGLU, rope_tables
 
@@ -52,6 +52,15 @@ class DecoderConfig:
     query_block: int = 128  # blockwise kernel: queries by blocks, skipping masked keys; 0: one block
 
     def __post_init__(self):
+        config.check_types(self)
+        for name in ("dtype", "param_dtype"):
+            try:
+                floating = jnp.issubdtype(jnp.dtype(getattr(self, name)), jnp.floating)
+            except TypeError:
+                floating = False
+            if not floating:
+                raise errors.UserError(f"DecoderConfig.{name} must be a floating dtype (float32, bfloat16, "
+                                       f"float16), got {getattr(self, name)!r}")
         if self.remat != "none" and self.remat not in REMAT_POLICIES:
             raise errors.UserError(f"DecoderConfig.remat must be one of none, {', '.join(REMAT_POLICIES)}; "
                              f"got {self.remat!r}")

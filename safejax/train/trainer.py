@@ -39,7 +39,7 @@ import optax
 import tqdm
 from flax import nnx, traverse_util
 
-from safejax import errors, hardware, parallel
+from safejax import config, errors, hardware, parallel
 from safejax.train.checkpoint import Checkpointer, CheckpointRecord, check_compatible
 from safejax.train.metrics import MetricsWriter, model_flops_utilization
 
@@ -96,8 +96,12 @@ class TrainConfig:
             raise errors.UserError(f"TRAIN_STEPS must be a positive integer, got {self.steps!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every <= 0:
             raise errors.UserError(f"CHECKPOINT_EVERY must be a positive integer, got {self.checkpoint_every!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 32:
+            raise errors.UserError(f"TrainConfig.seed must be an integer in [0, 2**32), got {self.seed!r} "
+                                   "(the initialisation key holds 32 bits: larger seeds would collide)")
         if self.on_nonfinite not in ("skip", "stop"):
             raise errors.UserError(f"TrainConfig.on_nonfinite must be 'skip' or 'stop', got {self.on_nonfinite!r}")
+        config.check_types(self)
         if self.microbatches < 1:
             raise errors.UserError(f"TrainConfig.microbatches must be >= 1, got {self.microbatches}")
 
