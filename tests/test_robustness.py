@@ -267,3 +267,22 @@ def test_sampling_seeds_outside_32_bits_are_refused(seed):
     SamplingParams(seed=2**32 - 1).validate(100, False)
     with pytest.raises(errors.UserError, match=r"seed=.*must be an integer in \[0, 2\*\*32\)"):
         SamplingParams(seed=seed).validate(100, False)
+
+
+# ---- 17. a stable, documented MFU peak ------------------------------------------------------
+
+EPYC = "vendor_id\t: AuthenticAMD\ncpu MHz\t\t: 2596.134\nflags\t\t: fpu sse2 avx2 fma avx512f\n"
+XEON = "vendor_id\t: GenuineIntel\ncpu MHz\t\t: 2100.000\nflags\t\t: fpu sse2 avx2 fma avx512f\n"
+OLD = "vendor_id\t: GenuineIntel\ncpu MHz\t\t: 3000.000\nflags\t\t: fpu sse2\n"
+
+
+def test_cpu_peak_is_cores_times_clock_times_flops_per_cycle():
+    from safejax import hardware
+
+    assert hardware.cpu_formula_peak(EPYC, cores=2) == 2 * 2596e6 * 32  # AMD's AVX-512 on 256-bit pipes
+    assert hardware.cpu_formula_peak(XEON, cores=4) == 4 * 2100e6 * 64
+    assert hardware.cpu_formula_peak(OLD, cores=1) == 3000e6 * 8
+    assert hardware.cpu_formula_peak("", cores=1) is None  # -> measured
+    first, source = hardware.peak_flops()
+    assert source in ("cpu_formula", "measured") and hardware.peak_flops() == (first, source)  # stable
+    assert hardware.peak_flops(1e12) == (1e12, "configured")

@@ -42,10 +42,10 @@ def bench_config(name: str, steps: int, warmup: int, bindings: list[str]) -> dic
     cpu = time.process_time() - cpu_start  # all threads: under load, steadier than wall time
     tokens_per_sec = steps * trainer.global_batch_size * data.seq_len / elapsed
     flops_per_token = trainer.objective.flops_per_example() / data.seq_len
-    peak = hardware.total_peak_flops()
+    peak, peak_source = hardware.peak_flops()
     return {"config": name, "tokens_per_sec": round(tokens_per_sec, 1),
             "mfu": round(model_flops_utilization(flops_per_token, tokens_per_sec, peak), 4),
-            "peak_flops": round(peak), "step_time_s": round(elapsed / steps, 4),
+            "peak_flops": round(peak), "peak_source": peak_source, "step_time_s": round(elapsed / steps, 4),
             "step_cpu_s": round(cpu / steps, 4), "loadavg_1m": round(os.getloadavg()[0], 2),
             "devices": jax.device_count(), "platform": jax.devices()[0].platform,
             "batch": trainer.global_batch_size, "dtype": trainer.objective.model_config.dtype,

@@ -362,14 +362,14 @@ def _fit(trainer, workdir, batches_from, load_eval_batches, schedule, initial_pa
     start = int(_scalar(state["step"]))
     trainer.compile(start)
     writer = MetricsWriter(workdir, start)  # rows past `start` (a killed run's replayed steps) go
-    peak = hardware.total_peak_flops(cfg.peak_flops_per_device)
+    peak, peak_source = hardware.peak_flops(cfg.peak_flops_per_device)
     examples = trainer.global_batch_size
     tokens_per_step = trainer.objective.tokens_per_example() * examples
     flops_per_token = trainer.objective.flops_per_example() / trainer.objective.tokens_per_example()
     fingerprint = trainer.objective.fingerprint()
     bar = tqdm.tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
                     disable=not (cfg.progress_bar and jax.process_index() == 0))
-    summary = {"start_step": start, "status": "completed", "peak_flops": peak}
+    summary = {"start_step": start, "status": "completed", "peak_flops": peak, "peak_source": peak_source}
     pending = None  # (step, device metrics) of the last dispatched step
     last_time = time.perf_counter()
 
@@ -382,7 +382,7 @@ def _fit(trainer, workdir, batches_from, load_eval_batches, schedule, initial_pa
         record = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
                   "applied": bool(metrics["applied"]), "tokens_per_sec": tokens_per_sec,
                   "mfu": model_flops_utilization(flops_per_token, tokens_per_sec, peak),
-                  "step_time_s": elapsed}
+                  "peak_flops": peak, "peak_source": peak_source, "step_time_s": elapsed}
         if schedule is not None:
             record["lr"] = float(schedule(step - 1))
         writer.write(step, record)
