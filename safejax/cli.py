@@ -471,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from safejax.evals import cli as eval_cli  # safejax eval (its parser lives with the evals)
     eval_cli.add_parser(sub)
+    from safejax.demo import cli as demo_cli  # safejax demo (the whole method end to end)
+    demo_cli.add_parser(sub)
 
     bench = sub.add_parser("bench", help="run a benchmark and print its figures as JSON lines")
     from safejax.bench.registry import BENCHMARKS
