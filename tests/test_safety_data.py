@@ -398,3 +398,11 @@ def test_shuffle_buffers_scale_with_the_mixing_rates(safety):
     sizes = {k: seqio.get_mixture_or_task(k).shuffle_buffer_size
              for k in ("raw", "score_0", "rephrased", "refuseweb", "score_1_3_tagged")}
     assert sizes == {"raw": 1024, "score_0": 1024, "rephrased": 205, "refuseweb": 64, "score_1_3_tagged": 102}
+
+
+def test_a_config_adds_a_mixture_and_every_mixture_stays_listed(safety, capsys):
+    """issue 20 item 16: one binding adds a mixture; the shipped ones (ablation_raw_tagged too) stay."""
+    safety("safety_data.extra_ablations = {'ablation_mine': ['score_0', 'raw_tagged']}")
+    mixtures = stats.list_data()["mixtures"]
+    assert {"ablation_mine", "ablation_raw_tagged", *tasks.ABLATIONS} <= set(mixtures)
+    assert [t.name for t in seqio.get_mixture_or_task("ablation_raw_tagged").tasks] == ["raw_tagged"]

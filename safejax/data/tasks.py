@@ -41,6 +41,7 @@ from safejax.safety import tagging
 
 ABLATIONS = {
     "ablation_raw": ("raw",),
+    "ablation_raw_tagged": ("raw_tagged",),  # all raw data, tags in unsafe-scored documents only
     "ablation_score0": ("score_0",),
     "ablation_rephrase": ("score_0", "rephrased"),
     "ablation_refusal": ("score_0", "rephrased", "refuseweb"),
@@ -149,6 +150,7 @@ def safety_data(corpus: seqio.DataSource | None = None,
                 shuffle_buffer_size: int = 1024,
                 rates: dict[str, float] | None = None,
                 ablations: dict[str, Sequence[str]] = ABLATIONS,
+                extra_ablations: dict[str, Sequence[str]] | None = None,
                 prefix: str = "") -> list[str]:
     """Registers every data kind whose inputs are configured, and the ablation mixtures.
 
@@ -207,7 +209,7 @@ def safety_data(corpus: seqio.DataSource | None = None,
         else:
             _unavailable[prefix + kind] = f"needs the synthesis step's records: set safety_data.{kind}"
 
-    for mixture, kinds in ablations.items():
+    for mixture, kinds in {**ablations, **(extra_ablations or {})}.items():  # a config adds one mixture
         missing = [prefix + k for k in kinds if prefix + k not in registered]
         if missing:
             _unavailable[prefix + mixture] = f"needs task {missing[0]} ({_unavailable.get(missing[0], 'unknown kind')})"
