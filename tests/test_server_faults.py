@@ -184,3 +184,14 @@ def test_internal_errors_are_json_500_and_the_server_goes_on(server, monkeypatch
     _assert_error(reply.json(), 500, "internal error: RuntimeError")
     monkeypatch.undo()
     assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
+
+
+@pytest.mark.slow
+def test_bench_serve_answers_every_client(capsys):
+    """`safejax bench serve` on the tiny config with a few clients: every request answered."""
+    from safejax.bench import serve as bench
+
+    assert bench.main(["--config", "tiny", "--clients", "3", "--rounds", "1", "--max_batch", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["requests"], result["failed"]) == (3, 0) and result["requests_per_sec"] > 0
+    assert 0 < result["p50_latency_s"] <= result["p99_latency_s"]
