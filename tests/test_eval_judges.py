@@ -95,7 +95,7 @@ def test_verdicts_are_cached_and_a_torn_line_is_cut(tmp_path):
 
 class JudgeServer:
     """Answers by what the completion says: YES / NO / BAD (not a yes-no answer); FLAKY gets a 500
-    first, BUSY a 429 with Retry-After first; DOWN always a 500."""
+    first, BUSY a 429 with Retry-After first; DOWN always a 500; a text without a marker: no."""
 
     def __init__(self):
         self.seen, self.auth, self.lock = {}, set(), threading.Lock()
@@ -110,7 +110,7 @@ class JudgeServer:
                 text = body["messages"][-1]["content"]
                 with outer.lock:
                     outer.auth.add(self.headers.get("Authorization"))
-                    marker = next(m for m in ("YES", "NO", "BAD", "FLAKY", "BUSY", "DOWN") if f"<{m}>" in text)
+                    marker = next((m for m in ("YES", "NO", "BAD", "FLAKY", "BUSY", "DOWN") if f"<{m}>" in text), "NO")
                     outer.seen[marker] = outer.seen.get(marker, 0) + 1
                     count = outer.seen[marker]
                 if marker == "DOWN" or (marker == "FLAKY" and count == 1):

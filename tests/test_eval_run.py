@@ -14,11 +14,12 @@ import time
 import pytest
 from conftest import FAST, REPO, TINY
 from pretrained_files import minilm_dir  # noqa: F401 (fixture)
+from test_eval_judges import JudgeServer
 from test_scoring import small_classifier
 
 from safejax import cli, config
 from safejax.evals import generation, prompts, templates
-from safejax.inference.generate import Generator
+from safejax.inference.generate import Generator, Request
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 FAST_EVAL = ["EvalConfig.max_new_tokens = 8", "EvalConfig.progress_bar = False", "EvalConfig.num_samples = 2",
@@ -66,6 +67,18 @@ def test_an_interrupted_generation_file_resumes_without_regenerating(workdir, tm
     assert after[:9] == [json.loads(x) for x in lines[:9]]
     # Each sample's seed comes from its key alone (the two samples of a case differ).
     assert len({generation._seed(0, k) for k in records}) == 24
+
+
+def test_chat_prompts_use_the_dialogue_template(workdir, tmp_path):
+    gen = Generator.from_checkpoint(workdir)
+    cases = templates.cases(prompts.load("jbb_benign")[:2], "request", [], chat=True)
+    path = str(tmp_path / "generations" / "jbb_benign.greedy.jsonl")
+    records = generation.generate(gen, cases, "greedy", path, max_new_tokens=4, batch_size=1, chat=True, progress=False)
+    assert [r["template"] for r in records.values()] == ["chat", "chat"]
+    alone = gen.run([Request(gen.encode_chat([{"role": "user", "content": cases[0].text}]),
+                                        gen.params(max_new_tokens=4, seed=generation._seed(0, f"{cases[0].key}#0")),
+                                        chat=True)])[0]
+    assert records[f"{cases[0].key}#0"]["completion"] == alone.text  # the same chat prompt, seed and batch size
 
 
 def _eval(workdir, out, *args):
@@ -146,8 +159,9 @@ def test_end_to_end_every_suite_two_decodings_and_a_comparison(workdir, classifi
     docs.write_text("".join(json.dumps({"id": f"d{i}", "text": f"The river ran past the old mill number {i}."})
                             + "\n" for i in range(4)))
     first, second = tmp_path / "run1", tmp_path / "run2"
-    common = ["--judge", "classifier,profanity,refusal", "--classifier", classifier_dir, "--limit", "2"]
-    code = cli.main(_eval(workdir, first, "--suite", "all", "--decoding", "greedy,safebeam", *common,
+    common = ["--classifier", classifier_dir, "--limit", "2"]
+    judges3 = ["--judge", "classifier,profanity,refusal"]
+    code = cli.main(_eval(workdir, first, "--suite", "all", "--decoding", "greedy,safebeam", *common, *judges3,
                           "--clean_text", str(docs), "--multiple_choice", os.path.join(FIXTURES, "mc_sample.jsonl")))
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
@@ -176,7 +190,7 @@ def test_end_to_end_every_suite_two_decodings_and_a_comparison(workdir, classifi
     assert generated > 0 and results["timings"]["cached_samples"] == 0
 
     # Rerun: nothing generated or judged again.
-    assert cli.main(_eval(workdir, first, "--suite", "all", "--decoding", "greedy,safebeam", *common,
+    assert cli.main(_eval(workdir, first, "--suite", "all", "--decoding", "greedy,safebeam", *common, *judges3,
                           "--clean_text", str(docs), "--multiple_choice", os.path.join(FIXTURES, "mc_sample.jsonl"))) == 0
     capsys.readouterr()
     again = json.loads((first / "results.json").read_text())
@@ -184,12 +198,26 @@ def test_end_to_end_every_suite_two_decodings_and_a_comparison(workdir, classifi
     assert again["timings"]["cached_samples"] == generated + results["timings"]["skipped_samples"]
     assert [c["per_prompt"] for c in again["cells"]] == [c["per_prompt"] for c in results["cells"]]
     # Other generation settings in the same run directory are refused.
-    code = cli.main(_eval(workdir, first, "--suite", "safety", *common, "--gin.EvalConfig.max_new_tokens=9"))
+    code = cli.main(_eval(workdir, first, "--suite", "safety", *common, *judges3, "--gin.EvalConfig.max_new_tokens=9"))
     assert code == 2 and "max_new_tokens" in capsys.readouterr().err
 
-    assert cli.main(_eval(workdir, second, "--suite", "safety", "--decoding", "greedy,randomdrop", *common,
-                          "--label", "seeded", "--gin.EvalConfig.template_mode='seeded'")) == 0
+    # A second run: seeded templates, the random-drop control, a user's prompt file beside AdvBench,
+    # and the LLM judge behind a server on 127.0.0.1.
+    mine = tmp_path / "mine.csv"
+    mine.write_text("ask,id,category\nTell me about the old river,r1,rivers\nHow do bridges stand,b1,bridges\n")
+    server = JudgeServer()
+    try:
+        assert cli.main(_eval(workdir, second, "--suite", "safety", "--decoding", "greedy,randomdrop", *common,
+                              "--judge", "classifier,refusal,llm", "--judge_url", server.url, "--judge_model", "j",
+                              "--prompts", "advbench", "--prompts", str(mine), "--text_column", "ask",
+                              "--label", "seeded", "--gin.EvalConfig.template_mode='seeded'")) == 0
+    finally:
+        server.httpd.shutdown()
     capsys.readouterr()
+    cells = {(c["set"], c["decoding"], c["judge"]): c for c in json.loads((second / "results.json").read_text())["cells"]}
+    assert set(cells[("mine", "greedy", "llm")]["per_prompt"]) <= {"r1", "b1"}
+    assert cells[("mine", "greedy", "llm")]["rate"] == 0.0 and server.seen["NO"] > 0
+    assert cells[("advbench", "randomdrop", "classifier")]["n_samples"] <= 2  # one seeded template a request
     assert cli.main(["eval", "compare", str(first), str(second), "--output", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out
     assert "seeded" in table and "run1" in table and (tmp_path / "cmp" / "compare.md").exists()
