@@ -120,12 +120,15 @@ def cmd_eval(args, bindings) -> int:
 def _run(args, bindings) -> int:
     from safejax.evals import generation, judges, run
 
-    for flag in ("checkpoint", "suite", "judge", "output"):
+    for flag in ("checkpoint", "suite", "output"):
         if not getattr(args, flag):
             raise errors.UserError(f"safejax eval needs --{flag}")
     suites = run.split_names(args.suite, run.SUITES, "suite")
     decodings = run.split_names(args.decoding, tuple(generation.DECODINGS), "decoding")
-    judge_names = run.split_names(args.judge, tuple(judges.JUDGES), "judge")
+    if not args.judge and set(suites) & set(run.GENERATION_SUITES):
+        raise errors.UserError("safejax eval needs --judge for the suites that generate (classifier, profanity, "
+                               "refusal, llm)")
+    judge_names = run.split_names(args.judge, tuple(judges.JUDGES), "judge") if args.judge else []
     run.parse(args.checkpoint, args.gin_file, bindings)
     results = run.evaluate(args.checkpoint, args.output, suites=suites, decodings=decodings,
                            judge_names=judge_names, classifier=args.classifier, step=args.step, limit=args.limit,

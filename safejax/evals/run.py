@@ -96,6 +96,10 @@ def plan(checkpoint_dir: str, suites: list[str], decodings: list[str], judge_nam
         if not set(cfg.suite_judges.get(suite, ())) & set(judge_names):
             raise errors.UserError(f"suite {suite} is judged by {', '.join(cfg.suite_judges.get(suite, ()))}; "
                                    f"--judge has none of them")
+    for name in judge_names:
+        if generating and not any(name in cfg.suite_judges.get(s, ()) for s in generating):
+            raise errors.UserError(f"judge {name} judges none of the suites asked for ({', '.join(generating)}); "
+                                   f"see EvalConfig.suite_judges")
     if prompt_sets and len(generating) != 1:
         raise errors.UserError("--prompts replaces the prompt sets of one suite: name exactly one of "
                                f"{', '.join(GENERATION_SUITES)} with --suite")
@@ -114,6 +118,11 @@ def plan(checkpoint_dir: str, suites: list[str], decodings: list[str], judge_nam
         if not names:
             raise errors.UserError(f"suite {suite} has no prompt sets (EvalConfig.sets)")
         sets[suite] = [(prompts.set_name(n), prompts.kind(n), prompts.load(n, text_column)[:limit]) for n in names]
+    named = [name for suite_sets in sets.values() for name, _, _ in suite_sets]
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        raise errors.UserError(f"two prompt sets are both named {twice[0]!r} (a set's name is its file's base "
+                               "name): results and generation files would mix; rename one")
     return Plan(suites, decodings, judge_names, sets, step)
 
 
