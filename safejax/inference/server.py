@@ -129,13 +129,15 @@ class Server:
             raise ApiError(400, f"request body is not valid JSON: {e}") from None
 
     async def complete(self, request: fastapi.Request, chat: bool):
-        requests, stream = api.parse(self.generator, chat, await self.read_json(request))
+        body = await self.read_json(request)
+        # Tokenizing a long prompt takes a while: off the event loop, like decoding.
+        requests, stream = await asyncio.to_thread(api.parse, self.generator, chat, body)
         price = cost(requests[0].params, len(requests))
         if price > self.cfg.max_request_cost:
             raise ApiError(400, f"request cost {price} (prompts x max_tokens x beams x expansions) exceeds the "
                                 f"server's ceiling of {self.cfg.max_request_cost}", "max_tokens")
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        self.scheduler.submit(Job(requests, price, lambda event: loop.call_soon_threadsafe(events.put_nowait, event)))
+        events = asyncio.Queue()
+        self.scheduler.submit(Job(requests, price, _emitter(asyncio.get_running_loop(), events)))
         responses = api.Responses(self.model_name, chat, stream)
         if stream:
             return StreamingResponse(_sse(responses, events), headers={"content-type": "text/event-stream",
@@ -146,6 +148,17 @@ class Server:
                 return JSONResponse(responses.whole(rest[0]))
             if kind == "error":
                 raise rest[0]
+
+
+def _emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    """Hands a decoding thread's events to the request's queue on the event loop."""
+    def emit(event: tuple) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop closed (server shut down): nobody is waiting
+            pass
+
+    return emit
 
 
 async def _sse(responses: api.Responses, events: asyncio.Queue):
