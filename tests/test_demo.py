@@ -81,7 +81,7 @@ def test_demo_corpus_is_deterministic_clean_and_keeps_the_test_splits_out(tmp_pa
     _quick_corpus(tmp_path, "two")
     one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert one == two and one
-    assert set(counts) == set(cfg.corpus_chars)
+    assert set(counts) == set(cfg.corpus_chars) | {"held_out_clean"} and counts["held_out_clean"]["documents"] > 0
     for name, budget in cfg.corpus_chars.items():
         assert counts[name]["documents"] > 0 and counts[name]["characters"] <= budget + cfg.max_document_chars
     assert not any("<unk>" in r["text"] for r in one)
@@ -123,7 +123,7 @@ def test_demo_quick_end_to_end_and_a_rerun_resumes(tmp_path, minilm_dir):  # noq
         assert f"] {name}: done in" in out
         assert stages.finished(workdir, name) is not None, name
     assert os.path.isfile(demo.path("classifier", "model", "classifier.json"))
-    assert os.path.isfile(demo.path("classifier", "eval.json"))
+    assert stages.finished(workdir, "classifier")["summary"]["test"]["model"]["n"] > 0
     assert demo.corpus_files() and glob.glob(demo.path("scores", "*.jsonl.gz"))
     assert glob.glob(demo.path("split", "score_0", "*"))
     synth = stages.finished(workdir, "synth")["summary"]

@@ -28,6 +28,8 @@ SOURCES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "SOURCES
 CLEAN_SOURCES = ("state_union", "inaugural", "tinyshakespeare", "web_samples", "wikitext2")
 UNSAFE_DOCUMENTS = ("4chan_sample",)
 SNIPPETS = "labeled_snippets"
+HELD_OUT_CLEAN = ("inaugural", "state_union", "web_samples")
+HELD_OUT_FILE = "held_out_clean.jsonl"
 
 _WIKI_JOINS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" 's", "'s"), (" n't", "n't"),
                ("( ", "("), (" )", ")"), (" ;", ";"), (" :", ":"), (" ,", ","), (" .", "."), (" !", "!"),
@@ -63,17 +65,32 @@ def cut(text: str, limit: int) -> str:
     return head.rsplit(" ", 1)[0]
 
 
-def _held_out_corpus_documents(doc_cfg) -> dict[str, list[dict]]:
-    """Bundled corpus documents outside the classifier's document test split, by source."""
+def _corpus_documents(doc_cfg, test: bool) -> dict[str, list[dict]]:
+    """Bundled corpus documents outside (or, `test`, inside) the classifier's document test split."""
     from safejax.safety import documents
 
     out = collections.defaultdict(list)
     for path in sources.bundled_corpus_files():
         name = documents.source_name(path)
         for record in sources.iter_records([path]):
-            if documents.split_of(f"{name}:{record['id']}", doc_cfg.seed, doc_cfg.split_fractions) != "test":
+            in_test = documents.split_of(f"{name}:{record['id']}", doc_cfg.seed, doc_cfg.split_fractions) == "test"
+            if in_test == test:
                 out[name].append({"id": str(record["id"]), "text": record["text"]})
     return out
+
+
+def write_held_out_clean(path: str, cfg, doc_cfg) -> int:
+    """Clean prose neither LM trains on, for perplexity: the classifier's test-split documents
+    of HELD_OUT_CLEAN (left out of the demo corpus), cut like the corpus; returns the count."""
+    pools = _corpus_documents(doc_cfg, test=True)
+    docs = [{"id": f"{n}:{d['id']}", "text": cut(d["text"], cfg.max_document_chars)}
+            for n in HELD_OUT_CLEAN for d in sorted(pools.get(n, []), key=lambda d: d["id"])]
+    docs = docs[:cfg.held_out_clean_documents]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    os.replace(path + ".tmp", path)
+    return len(docs)
 
 
 def _snippet_threads(labeled_cfg, min_score: int, per_document: int, rng: random.Random) -> list[dict]:
@@ -96,7 +113,7 @@ def compose(output_dir: str, cfg, labeled_cfg, doc_cfg) -> dict:
     """Writes OUTPUT_DIR/<source>.jsonl.gz (one file per source: one score shard each) and
     SOURCES.md with the counts; returns the counts."""
     rng = random.Random(cfg.corpus_seed)
-    pools = _held_out_corpus_documents(doc_cfg)
+    pools = _corpus_documents(doc_cfg, test=False)
     pools["wikitext2"] = [{**d, "text": clean_wikitext(d["text"])} for d in pools.get("wikitext2", [])]
     pools[SNIPPETS] = _snippet_threads(labeled_cfg, cfg.min_snippet_score, cfg.snippets_per_document, rng)
     os.makedirs(output_dir, exist_ok=True)
@@ -122,6 +139,8 @@ def compose(output_dir: str, cfg, labeled_cfg, doc_cfg) -> dict:
         os.replace(path + ".tmp", path)
         counts[name] = {"documents": len(chosen), "characters": chars,
                         "unk": sum("<unk>" in r["text"] for r in chosen)}
+    counts["held_out_clean"] = {"documents": write_held_out_clean(os.path.join(output_dir, HELD_OUT_FILE), cfg,
+                                                                  doc_cfg), "characters": 0, "unk": 0}
     with open(SOURCES_FILE, encoding="utf-8") as f:
         notes = f.read()
     table = ["", "## This corpus", "", "| source | documents | characters |", "|---|---|---|"]

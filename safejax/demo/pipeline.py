@@ -45,7 +45,8 @@ class Demo:
     def stages(self) -> list[Stage]:
         synth_backend = f"the endpoint {self.base_url} ({self.model})" if self.base_url else "the template backend"
         return [
-            Stage("classifier", "train the safety classifier (demo recipe) and evaluate it against the baselines",
+            Stage("classifier", "train the safety classifier (demo recipe) and evaluate it against the baselines "
+                                "on its snippet test split",
                   self.train_classifier),
             Stage("corpus", "compose the demo corpus from the bundled files (classifier test splits held out)",
                   self.compose_corpus),
@@ -72,11 +73,15 @@ class Demo:
     def train_classifier(self) -> dict:
         from safejax.train import classify
 
-        config.parse(list(self.cfg.classifier_gin), [])
+        from safejax.demo import classifier_figures
+
+        config.parse(list(self.cfg.classifier_gin), ["ClassifierTrainConfig.evaluate = False"])
         summary = classify.train(self.path("classifier"))
         if summary["status"] != "completed":
             raise errors.UserError(f"classifier training stopped ({summary['status']}); rerun the demo to resume")
-        return {k: summary.get(k) for k in ("step", "head_steps", "model", "cascade")}
+        figures = classifier_figures.evaluate(self.path("classifier"))
+        return {**{k: summary.get(k) for k in ("step", "head_steps", "model", "cascade")},
+                "test": {k: figures[k] for k in ("model", "baselines", "split")}}
 
     def compose_corpus(self) -> dict:
         from safejax.safety import documents, labeled
@@ -90,7 +95,8 @@ class Demo:
         from safejax.safety import scoring
 
         summary = scoring.score_corpus(self.classifier, self.corpus_files(), self.path("scores"),
-                                       batch_size=self.cfg.score_batch_size, dtype=self.cfg.score_dtype)
+                                       batch_size=self.cfg.score_batch_size, dtype=self.cfg.score_dtype,
+                                       rule=self.cfg.score_rule)
         return summary
 
     def _data_bindings(self) -> list[str]:
@@ -100,7 +106,7 @@ class Demo:
     def split(self) -> dict:
         from safejax.data import split
 
-        config.parse(["data/safety.gin"], self._data_bindings())
+        config.parse(["data/safety.gin"], [*self._data_bindings(), *self.cfg.split_bindings])
         os.makedirs(self.path("split"), exist_ok=True)
         QUARANTINE.write_to(self.path("split", "quarantine.jsonl"))
         return split.split_by_score(self.path("split"))
@@ -167,7 +173,7 @@ class Demo:
     def evaluate(self, label: str, checkpoint: str) -> dict:
         from safejax.evals import judges, report, run, stats, utility  # noqa: F401 (their configurables)
 
-        bindings = [*self.cfg.eval_bindings, f"EvalConfig.clean_text = {self.path('split')!r}"]
+        bindings = [*self.cfg.eval_bindings, f"EvalConfig.clean_text = {self.path('corpus', corpus_lib.HELD_OUT_FILE)!r}"]
         run.parse(checkpoint, [], bindings)
         results = run.evaluate(checkpoint, self.path("eval", label), suites=list(self.cfg.suites),
                                decodings=list(self.cfg.decodings), judge_names=list(self.cfg.judges),

@@ -11,7 +11,7 @@ import json
 import os
 
 from safejax import config
-from safejax.demo import pipeline
+from safejax.demo import classifier_figures, pipeline
 from safejax.demo.stages import finished
 from safejax.evals import report as eval_report
 from safejax.evals import stats
@@ -144,14 +144,15 @@ def _times_figure(demo, markers: dict) -> str:
 
 
 def _classifier_section(demo) -> list[str]:
-    with open(demo.path("classifier", "eval.json"), encoding="utf-8") as f:
+    with open(demo.path("classifier", classifier_figures.FILE), encoding="utf-8") as f:
         ev = json.load(f)
     systems = {"classifier": ev["model"], **ev.get("baselines", {})}
     rows = [[name, s["n"], f"{s['f1']:.3f}", f"{s.get('r_at_1', 0):.3f}", f"{s.get('p_at_1', 0):.3f}",
              f"{s.get('r_at_3', 0):.3f}", f"{s.get('p_at_3', 0):.3f}"] for name, s in systems.items()]
     lines = eval_report._table(["system", "n", "macro F1", "R@1", "P@1", "R@3", "P@3"], rows)
-    return lines + ["", f"Held-out snippet test split (never in the demo corpus); the whole evaluation, with "
-                        f"document-level figures: [classifier/eval.md](classifier/eval.md)."]
+    return lines + ["", f"Held-out snippet test split of {', '.join(ev['split']['sources'])} (n={ev['split']['n']}; "
+                        "never in the demo corpus). Document-level and judge figures: `safejax classifier-eval "
+                        f"--workdir {demo.path('classifier')}` (not run by the demo: minutes on 2 cores)."]
 
 
 def write(demo) -> str:

@@ -24,9 +24,12 @@ class DemoConfig:
     snippets_per_document: int = 16
     min_snippet_score: int = 3
     corpus_seed: int = 0
+    held_out_clean_documents: int = 20  # perplexity's clean text (corpus.write_held_out_clean)
     # scoring
     score_batch_size: int = 32
     score_dtype: str | None = None
+    score_rule: str | None = None  # None: the export's (calibrated); "max": the paper's highest window
+    split_bindings: Sequence[str] = ()  # e.g. split_by_score.score_field (data/split.py)
     # synthesis
     synth_gin: Sequence[str] = ()
     # pretraining: the model file, the two ablation files, bindings both share
