@@ -96,6 +96,8 @@ def _eval(workdir, out, *args):
     (["--suite", "utility"], "suite utility needs --clean_text"),
     (["--suite", "toxicity", "--judge", "profanity,refusal"], "judge refusal judges none of the suites asked"),
     (["--suite", "safety"], "safejax eval needs --judge"),
+    (["--suite", "safety", "--judge", "refusal", "--gin.EvalConfig.template_mode='most'"],
+     "EvalConfig.template_mode='most': choose from all, seeded"),
     (["--suite", "safety", "--judge", "refusal", "--prompts", "advbench", "--prompts", "advbench"],
      "two prompt sets are both named 'advbench'"),
     (["--suite", "safety", "--judge", "refusal", "--labels", "x.csv"], "does not take --labels"),

@@ -59,6 +59,17 @@ class EvalConfig:
     multiple_choice: Sequence[str] = ()  # utility: JSONL files of the multiple-choice format
     progress_bar: bool = True
 
+    def check(self) -> EvalConfig:
+        """Raises UserError naming the first bad field."""
+        for name in ("max_new_tokens", "num_samples", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise errors.UserError(f"EvalConfig.{name}={value!r}: must be an integer >= 1")
+        if self.template_mode not in templates.MODES:
+            raise errors.UserError(f"EvalConfig.template_mode={self.template_mode!r}: choose from "
+                                   f"{', '.join(templates.MODES)}")
+        return self
+
 
 @dataclasses.dataclass
 class Plan:
@@ -87,6 +98,7 @@ def plan(checkpoint_dir: str, suites: list[str], decodings: list[str], judge_nam
     """Checks the request against the checkpoint's record and loads the prompt sets."""
     from safejax.train.checkpoint import Checkpointer, check_lm_record
 
+    cfg.check()
     generating = [s for s in suites if s in GENERATION_SUITES]
     if generating and not decodings:
         raise errors.UserError("--decoding is empty")
