@@ -88,8 +88,9 @@ def _check_options(args, form: str) -> None:
 
 
 def _register() -> None:
-    """Imports the modules whose gin configurables configs/eval/*.gin binds."""
-    from safejax.evals import judges, report, run, stats, utility  # noqa: F401
+    from safejax.evals import run
+
+    run.register_configurables()
 
 
 def cmd_eval(args, bindings) -> int:

@@ -263,9 +263,15 @@ def utility(gen, cfg: EvalConfig) -> dict:
     return out
 
 
+def register_configurables() -> None:
+    """Imports the modules whose gin configurables configs/eval/*.gin binds (judges: above)."""
+    from safejax.evals import report, stats, utility  # noqa: F401
+
+
 def parse(checkpoint_dir: str, gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     """The checkpoint's training config, the sampling defaults, configs/eval/default.gin, then the
     user's files and bindings (later ones win)."""
+    register_configurables()
     checkpoint.parse_config(checkpoint_dir, ["eval/default.gin", *gin_files], bindings)
 
 
