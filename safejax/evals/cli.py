@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from safejax import config, errors
 
@@ -136,4 +137,8 @@ def _run(args, bindings) -> int:
                            chat=args.chat, label=args.label, prompt_sets=args.prompts or (),
                            text_column=args.text_column, vocab_path=args.vocab)
     print(json.dumps(run.summary_line(results, args.output)))
-    return 0
+    failed = sum(c["failed"] for c in results["cells"])
+    if failed:
+        print(f"safejax: {failed} judge requests failed (counted as 'failed' in results.json, not in the rates); "
+              "rerun the same command to retry them", file=sys.stderr)
+    return 1 if failed else 0
