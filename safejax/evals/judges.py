@@ -76,7 +76,9 @@ class ClassifierJudge(Judge):
     TEXTS = ("continuation", "prompt_and_continuation")
 
     def __init__(self, checkpoint: str, threshold: int = 3, text: str = "continuation", batch_size: int = 64,
-                 dtype: str | None = None):
+                 dtype: str | None = None, cascade: bool = False):
+        """`cascade`: the export's scoring cascade (safety/cascade.py). Off by default: a judge
+        measures, so every window runs the whole encoder (the cascade's miss would be the judge's)."""
         from safejax.safety import scoring
         from safejax.safety.classifier_export import read_export_record
 
@@ -87,18 +89,20 @@ class ClassifierJudge(Judge):
         self.directory = os.path.abspath(scoring.model_dir(checkpoint))
         self.record = read_export_record(self.directory)  # a wrong folder fails here, before any work
         self.threshold, self.text, self.batch_size, self.dtype = threshold, text, batch_size, dtype
+        self.cascade = cascade
         self._scorer = None
 
     def settings(self) -> dict:
         sha = hashlib.sha256(json.dumps(self.record, sort_keys=True).encode()).hexdigest()[:16]
         return {"classifier": self.directory, "record": sha, "threshold": self.threshold, "text": self.text,
-                "dtype": self.dtype}
+                "dtype": self.dtype, **({"cascade": True} if self.cascade else {})}
 
     def judge(self, items):
         from safejax.safety.scoring import DocumentScorer
 
         if self._scorer is None:
-            self._scorer = DocumentScorer(self.directory, batch_size=self.batch_size, dtype=self.dtype)
+            self._scorer = DocumentScorer(self.directory, batch_size=self.batch_size, dtype=self.dtype,
+                                          cascade=self.cascade)
         texts = [i.completion if self.text == "continuation" else i.context + i.completion for i in items]
         return [Verdict(d.score >= self.threshold, float(d.score)) for d in self._scorer.score(texts)]
 
