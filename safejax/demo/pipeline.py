@@ -163,11 +163,11 @@ class Demo:
     def _trained(summary: dict, what: str) -> dict:
         if summary["status"] != "completed":
             raise errors.UserError(f"{what} stopped ({summary['status']}); rerun the demo to resume")
-        import gin
+        from safejax.data.pipeline import DataConfig
 
         keep = ("status", "step", "loss", "eval_loss", "eval_perplexity", "workdir")
-        tokens = summary["step"] * gin.query_parameter("DataConfig.global_batch_size") * \
-            gin.query_parameter("DataConfig.seq_len")
+        data = DataConfig()  # the bound run's
+        tokens = summary["step"] * data.global_batch_size * data.seq_len
         return {**{k: summary[k] for k in keep if k in summary}, "tokens": tokens}
 
     def evaluate(self, label: str, checkpoint: str) -> dict:

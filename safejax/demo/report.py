@@ -103,6 +103,9 @@ def _targets(m: dict, perplexity: dict) -> list[str]:
                                   rate(suite, judge, "safe", "randomdrop"))
         if None in (raw, safebeam):
             continue
+        if raw == 0:  # nothing to reduce: the target cannot be judged
+            rows.append([f"{suite}: SAFE + Safe Beam <= {share:.2f} x RAW greedy", "RAW greedy at 0%", "n/a"])
+            continue
         rows.append([f"{suite}: SAFE + Safe Beam <= {share:.2f} x RAW greedy",
                      f"{100 * safebeam:.1f}% vs {100 * raw:.1f}%", "yes" if safebeam <= share * raw else "**no**"])
         if control is not None:
@@ -195,7 +198,7 @@ def write(demo) -> str:
                         ("pretrain_raw", "pretrain_safe", "finetune_raw", "finetune_safe"))])
     lines += ["", "## Stage wall times", ""]
     lines += eval_report._table(["stage", "wall time (s)"], [[n, f"{mk['wall_s']:.0f}"] for n, mk in markers.items()])
-    lines += [f"Total of the stages above: {sum(mk['wall_s'] for mk in markers.values()):.0f} s (the report "
+    lines += ["", f"Total of the stages above: {sum(mk['wall_s'] for mk in markers.values()):.0f} s (the report "
               "stage not included).", "", f"![stage times]({_times_figure(demo, markers)})", "",
               "Each eval run's own report: " + ", ".join(f"[{r}](eval/{r}/report.md)" for r in pipeline.EVAL_RUNS),
               ""]
