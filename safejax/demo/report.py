@@ -159,6 +159,8 @@ def _classifier_section(demo) -> list[str]:
 
 
 def write(demo) -> str:
+    from safejax.evals import judges, run, utility  # noqa: F401 (configurables eval/default.gin binds)
+
     config.parse(["eval/default.gin"], [])  # the bootstrap's settings (eval/stats.gin)
     markers = {s.name: finished(demo.dir, s.name) for s in demo.stages() if finished(demo.dir, s.name)}
     m = measurements(demo)
