@@ -72,10 +72,15 @@ def _records(workdir):
     return [json.loads(line) for line in open(path) if line.strip()]
 
 
-def _wait_for_step(proc, workdir, step, timeout=300):
+def _wait_for_step(proc, workdir, step, timeout=300, checkpoint=None):
+    """Until metrics.jsonl has `step` and, if given, the `checkpoint` step's save is committed
+    (on a loaded machine the async save can trail the steps: a kill before it lands would
+    resume from an earlier step than the test expects)."""
     deadline = time.time() + timeout
+    committed = os.path.join(str(workdir), "checkpoints", str(checkpoint), "commit_success.txt")
     while time.time() < deadline:
-        if any(r.get("step", 0) >= step and "loss" in r for r in _records(workdir)):
+        if (any(r.get("step", 0) >= step and "loss" in r for r in _records(workdir))
+                and (checkpoint is None or os.path.exists(committed))):
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
@@ -92,7 +97,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_loss_curve(tmp_path):
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(killed, *steps), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for_step(proc, killed, 10)
+    _wait_for_step(proc, killed, 10, checkpoint=8)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before_kill = len(_records(killed))

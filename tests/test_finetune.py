@@ -107,7 +107,7 @@ def test_kill_mid_finetune_and_resume_reproduces_the_uninterrupted_loss_curve(so
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_finetune_cmd(source, killed, *steps), env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for_step(proc, killed, 6)
+    _wait_for_step(proc, killed, 6, checkpoint=4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len(_records(killed))
