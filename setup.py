@@ -13,7 +13,7 @@ setup(
     packages=find_packages(include=["safejax", "safejax.*"]),  # benchmarks/peers (PyTorch) stay in the repo
     package_data={"safejax": ["assets/corpus/*", "assets/vocab/*", "assets/labeled/*", "assets/prompts/*",
                              "assets/finetune/*.md", "assets/finetune/*/*", "assets/dialogues/*", "configs/*/*.gin", "configs/*/*.md",
-                             "configs/*/*.json"]},
+                             "configs/*/*.json", "demo/*.md"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.10.2",
