@@ -494,14 +494,30 @@ PREEMPTIBLE = ("train", "finetune", "classifier-train")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; a SIGTERM before the command's own handler takes over stops it cleanly."""
     import signal
 
-    if threading.current_thread() is threading.main_thread():  # commands may install their own later
-        signal.signal(signal.SIGTERM, _raise_terminated)
+    argv = sys.argv[1:] if argv is None else argv
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    try:  # installed inside the try: a SIGTERM the moment it is in place is still caught
+        if in_main_thread:  # commands may install their own later
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        return _main(argv)
+    except errors.Terminated:
+        command = next((a for a in argv if not a.startswith("-")), "")
+        kept = "the checkpoints written are kept" if command in PREEMPTIBLE else "what it finished is kept"
+        print(f"safejax: stopped by SIGTERM ({kept}); rerun the same command to go on", file=sys.stderr)
+        return 0 if command in PREEMPTIBLE else 143
+    finally:  # a SIGTERM during the interpreter's teardown, after the work is done, is no traceback
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     from safejax import config  # (`import safejax` has quietened the native libraries' logs)
 
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else argv
     try:
         bindings, rest = config.split_gin_args(argv)
     except errors.UserError as e:
@@ -526,10 +542,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("safejax: interrupted", file=sys.stderr)
         return 130
-    except errors.Terminated:
-        kept = "the checkpoints written are kept" if args.command in PREEMPTIBLE else "what it finished is kept"
-        print(f"safejax: stopped by SIGTERM ({kept}); rerun the same command to go on", file=sys.stderr)
-        return 0 if args.command in PREEMPTIBLE else 143
 
 
 # Subcommands whose compiled steps allocate temporaries large enough for huge pages to pay

@@ -206,12 +206,24 @@ def test_ctrl_c_writes_a_checkpoint_and_the_rerun_resumes_there(tmp_path):
 
 
 @pytest.mark.slow
+def _wait_until_catching(proc, signum, timeout=300):
+    """Waits until `proc` has a handler for `signum` (Linux: the SigCgt mask in /proc/PID/status)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{proc.pid}/status") as f:
+            caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+        if caught >> (signum - 1) & 1:
+            return
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=60)
+        time.sleep(0.005)
+
+
 def test_sigterm_during_start_up_is_one_line_and_a_later_run_starts(tmp_path):
     from test_cli import _env, _train_cmd
 
     cmd = _train_cmd(tmp_path, "TRAIN_STEPS=2", "DataConfig.eval_batches=0")
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # importing JAX, TensorFlow and seqio, before any step
+    _wait_until_catching(proc, signal.SIGTERM)  # the CLI's handler: JAX, TensorFlow and seqio still to import
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0 and out == "", (proc.returncode, out, err)
