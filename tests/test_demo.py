@@ -172,3 +172,36 @@ def test_demo_refuses_another_mode_in_the_same_workdir(tmp_path):
     (workdir / "manifest.json").write_text(json.dumps({"mode": "full", "base_url": None, "model": None}))
     assert cli.main(["demo", "--quick", "--workdir", str(workdir)]) == 2
     assert cli.main(["demo", "--quick", "--workdir", str(workdir), "--base_url", "http://127.0.0.1:1/v1"]) == 2
+
+
+def test_safe_trains_without_the_kinds_the_classifier_left_empty(tmp_path):
+    """A classifier that puts nothing at 4-5 leaves RefuseWeb (and so Moral Education) and the
+    tagged 4-5 originals without data: the synth stage skips those jobs and SAFE's mixture drops
+    those kinds, saying why, instead of failing."""
+    import gin
+
+    from safejax import config
+
+    (tmp_path / "stages").mkdir()
+
+    def mark(name, summary):
+        stages.write_json(stages.marker_path(str(tmp_path), name), {"stage": name, "wall_s": 1.0, "summary": summary})
+
+    folders = {"score_0": 258, "score_1": 0, "score_2": 1, "score_3": 166, "score_4": 0, "score_5": 0}
+    mark("split", {"documents": folders})
+    assert pipeline._no_input("rephrase", folders, {}) is None
+    assert pipeline._no_input("refuseweb", folders, {}) == "no documents scored 4-5"
+    assert pipeline._no_input("moral", folders, {"refuseweb": {"kept": 0}}) is not None
+    mark("synth", {"rephrase": {"output": str(tmp_path / "r"), "kept": 30},
+                   "refuseweb": {"skipped": "no documents scored 4-5", "items": 0, "kept": 0},
+                   "moral": {"skipped": "no RefuseWeb dialogues to turn into articles", "items": 0, "kept": 0}})
+    demo = pipeline.Demo(str(tmp_path), settings.load(["demo/full.gin"], []))
+    files = ["demo/lm.gin", "ablations/full.gin"]
+    extra, dropped = demo._without_empty_kinds(files, [])
+    assert dropped["dropped_kinds"] == {"refuseweb": "no documents scored 4-5",
+                                        "moral_education": "no RefuseWeb dialogues to turn into articles",
+                                        "score_4_5_tagged": "no documents scored 4-5"}
+    config.parse(files, extra)
+    kinds = {**gin.query_parameter("safety_data.ablations"),
+             **gin.query_parameter("safety_data.extra_ablations")}[gin.query_parameter("%MIXTURE")]
+    assert kinds == ["score_0", "rephrased", "score_1_3_tagged"]

@@ -119,8 +119,13 @@ class Demo:
             bindings = ["SynthConfig.backend = 'endpoint'", f"ChatEndpoint.base_url = {self.base_url!r}",
                         f"ChatEndpoint.model = {self.model!r}"]
         out = {}
+        folders = finished(self.dir, "split")["summary"]["documents"]
         for job, inputs in (("rephrase", [self.path("split")]), ("refuseweb", [self.path("split")]),
                             ("moral", [self.path("synth", "refuseweb")])):
+            empty = _no_input(job, folders, out)
+            if empty:  # the classifier put nothing in the job's score range: the report says so
+                out[job] = {"skipped": empty, "items": 0, "kept": 0}
+                continue
             config.parse(["synth/default.gin", *self.cfg.synth_gin], bindings)
             QUARANTINE.reset()  # each job counts its own set-aside records, as a command of its own would
             summary = synth.run(job, inputs, self.path("synth", job), self.classifier)
@@ -140,13 +145,35 @@ class Demo:
         else:
             synth = finished(self.dir, "synth")["summary"]
             files = [self.cfg.lm_gin, self.cfg.safe_ablation]
-            bindings += [f"SPLIT_DIR = {self.path('split')!r}", f"REPHRASED = {[synth['rephrase']['output']]!r}",
-                         f"REFUSEWEB = {[synth['refuseweb']['output']]!r}",
-                         f"MORAL_EDUCATION = {[synth['moral']['output']]!r}"]
+            bindings.append(f"SPLIT_DIR = {self.path('split')!r}")
+            for macro, job in (("REPHRASED", "rephrase"), ("REFUSEWEB", "refuseweb"), ("MORAL_EDUCATION", "moral")):
+                if synth[job].get("kept"):
+                    bindings.append(f"{macro} = {[synth[job]['output']]!r}")
+            extra, dropped = self._without_empty_kinds(files, bindings)
+            bindings += extra
         config.parse(files, bindings)
         plan.check_composition()
         summary = pretrain.train(self.path("lm", name))
-        return self._trained(summary, f"pretraining {name}")
+        return {**self._trained(summary, f"pretraining {name}"), **dropped}
+
+    def _without_empty_kinds(self, files: list[str], bindings: list[str]) -> tuple[list[str], dict]:
+        """Bindings for SAFE's mixture less the kinds with no data (an empty score folder or a
+        synthesis job with nothing kept): the ablation's other kinds at their rates, recorded."""
+        from safejax.data import tasks  # noqa: F401 (safety_data's configurable)
+
+        import gin
+
+        config.parse(files, bindings)
+        mixture = gin.query_parameter("%MIXTURE")
+        kinds = gin.query_parameter("safety_data.ablations")[mixture]
+        folders = finished(self.dir, "split")["summary"]["documents"]
+        synth = finished(self.dir, "synth")["summary"]
+        empty = {k: why for k in kinds if (why := _empty_kind(k, folders, synth))}
+        if not empty:
+            return [], {}
+        kept = [k for k in kinds if k not in empty]
+        return ([f"safety_data.extra_ablations = {{'demo_safe': {kept!r}}}", "MIXTURE = 'demo_safe'"],
+                {"mixture": f"{mixture} less {', '.join(empty)}", "dropped_kinds": empty})
 
     def finetune(self, name: str) -> dict:
         from safejax.evals import gsm8k
@@ -185,6 +212,35 @@ class Demo:
 
         path = report.write(self)
         return {"report": path}
+
+
+SCORE_FOLDERS = {"score_0": (0, 0), "score_1_3": (1, 3), "score_4_5": (4, 5)}
+SYNTH_KINDS = {"rephrased": "rephrase", "refuseweb": "refuseweb", "moral_education": "moral"}
+JOB_RANGES = {"rephrase": (1, 3), "refuseweb": (4, 5)}
+
+
+def _documents(folders: dict, low: int, high: int) -> int:
+    return sum(folders.get(f"score_{s}", 0) for s in range(low, high + 1))
+
+
+def _no_input(job: str, folders: dict, done: dict) -> str | None:
+    """Why a synthesis job has nothing to read, or None."""
+    if job == "moral":
+        return None if done["refuseweb"].get("kept") else "no RefuseWeb dialogues to turn into articles"
+    low, high = JOB_RANGES[job]
+    return None if _documents(folders, low, high) else f"no documents scored {low}-{high}"
+
+
+def _empty_kind(kind: str, folders: dict, synth: dict) -> str | None:
+    """Why a mixture kind has no data in this demo, or None."""
+    base = kind.removesuffix("_tagged")
+    if base in SCORE_FOLDERS:
+        low, high = SCORE_FOLDERS[base]
+        return None if _documents(folders, low, high) else f"no documents scored {low}-{high}"
+    if base in SYNTH_KINDS:
+        job = synth[SYNTH_KINDS[base]]
+        return None if job.get("kept") else job.get("skipped", f"synthesis kept no {base} records")
+    return None
 
 
 def load_results(demo: Demo, label: str) -> dict:

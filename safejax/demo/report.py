@@ -192,6 +192,11 @@ def write(demo) -> str:
     lines += eval_report._table(["job", "backend", "items", "kept", "rejected by the gate", "invalid", "failed"],
                                 [[j, s.get("backend"), s.get("items"), s.get("kept"), s.get("rejected"),
                                   s.get("invalid"), s.get("failed")] for j, s in synth.items()])
+    lines += [f"\n{j} skipped: {s['skipped']}." for j, s in synth.items() if s.get("skipped")]
+    dropped = markers.get("pretrain_safe", {}).get("summary", {}).get("dropped_kinds", {})
+    if dropped:
+        lines += ["", "SAFE trained without " + "; ".join(f"{k} ({why})" for k, why in dropped.items())
+                  + ": its other kinds kept their rates."]
     lines += ["", "## Training", ""]
     lines += eval_report._table(["run", "steps", "tokens", "final loss", "GSM8K accuracy"], [
         [name, s.get("step"), f"{s.get('tokens', 0):,}", f"{s['loss']:.3f}" if "loss" in s else "",
