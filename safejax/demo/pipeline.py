@@ -139,7 +139,7 @@ class Demo:
     def pretrain(self, name: str) -> dict:
         from safejax.train import plan, pretrain
 
-        bindings = [*self.cfg.lm_bindings, *self._data_bindings()]
+        bindings, dropped = [*self.cfg.lm_bindings, *self._data_bindings()], {}
         if name == "raw":
             files = [self.cfg.lm_gin, self.cfg.raw_ablation]
         else:
