@@ -205,3 +205,11 @@ def test_safe_trains_without_the_kinds_the_classifier_left_empty(tmp_path):
     kinds = {**gin.query_parameter("safety_data.ablations"),
              **gin.query_parameter("safety_data.extra_ablations")}[gin.query_parameter("%MIXTURE")]
     assert kinds == ["score_0", "rephrased", "score_1_3_tagged"]
+
+
+def test_4chan_threads_lose_their_post_headers_and_links():
+    thread = ("Anonymous 06/07/17(Wed)03:37:31 No.128843129: first post /his/?\n\n\n"
+              "Anonymous 06/07/17(Wed)03:38:38 No.128843200: >>128843129\nsecond post\n\n\n"
+              "Anonymous 06/07/17(Wed)03:42:07 No.128843410: >>>/a/\n\n\n"
+              "Anonymous 06/07/17(Wed)03:43:01 No.128843464: a reply in 1939.")
+    assert corpus.clean_4chan(thread) == "first post /his/?\n\nsecond post\n\na reply in 1939."

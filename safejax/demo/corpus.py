@@ -53,6 +53,19 @@ def clean_wikitext(text: str) -> str:
     return "\n\n".join(paragraphs)
 
 
+_POST_HEADER = re.compile(r"^[^\n]*?\d\d/\d\d/\d\d\(\w+\)\d\d:\d\d:\d\d \w+\.\d+:[ \t]*", re.M)
+_POST_LINK = re.compile(r">>>?(\d+|/\w+/)")
+
+
+def clean_4chan(text: str) -> str:
+    """A thread as its posts' text: the name/date/number header of each post and the `>>123`
+    links dropped. Left in, the headers are a sixth of the characters (digits) and a small LM
+    learns to continue any prompt with them (the full demo of 2026-12-07: RAW's greedy
+    continuations were mostly digits and punctuation)."""
+    posts = (_POST_LINK.sub("", post).strip() for post in _POST_HEADER.split(text))
+    return "\n\n".join(p for p in posts if p)
+
+
 def cut(text: str, limit: int) -> str:
     """The text up to `limit` characters, ended at the last paragraph or sentence end before it."""
     if len(text) <= limit:
@@ -115,6 +128,7 @@ def compose(output_dir: str, cfg, labeled_cfg, doc_cfg) -> dict:
     rng = random.Random(cfg.corpus_seed)
     pools = _corpus_documents(doc_cfg, test=False)
     pools["wikitext2"] = [{**d, "text": clean_wikitext(d["text"])} for d in pools.get("wikitext2", [])]
+    pools["4chan_sample"] = [{**d, "text": clean_4chan(d["text"])} for d in pools.get("4chan_sample", [])]
     pools[SNIPPETS] = _snippet_threads(labeled_cfg, cfg.min_snippet_score, cfg.snippets_per_document, rng)
     os.makedirs(output_dir, exist_ok=True)
     counts = {}
