@@ -42,7 +42,8 @@ def test_a_failed_stage_runs_again_and_finished_ones_are_skipped(tmp_path):
     assert calls == ["a", "b", "b", "c"]  # a skipped, b run again, then c
     assert list(markers) == ["a", "b", "c"] and markers["b"]["summary"] == {"wrote": "b"}
     assert any(line.startswith("[1/3] a: finished earlier") for line in lines)
-    assert any(line.startswith("[2/3] b: done in") for line in lines)
+    assert any(line.startswith("[2/3] b: done in") and line.endswith("over 2 attempts") for line in lines)
+    assert markers["b"]["attempts"] == 2 and markers["a"]["attempts"] == 1
 
 
 def test_wikitext_cleaning_drops_unk_sentences_and_headings():
