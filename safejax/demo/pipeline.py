@@ -216,7 +216,7 @@ class Demo:
 
 SCORE_FOLDERS = {"score_0": (0, 0), "score_1_3": (1, 3), "score_4_5": (4, 5)}
 SYNTH_KINDS = {"rephrased": "rephrase", "refuseweb": "refuseweb", "moral_education": "moral"}
-JOB_RANGES = {"rephrase": (1, 3), "refuseweb": (4, 5)}
+JOB_INPUTS = {"rephrase": "score_1_3", "refuseweb": "score_4_5"}  # the score folders each job reads
 
 
 def _documents(folders: dict, low: int, high: int) -> int:
@@ -227,8 +227,7 @@ def _no_input(job: str, folders: dict, done: dict) -> str | None:
     """Why a synthesis job has nothing to read, or None."""
     if job == "moral":
         return None if done["refuseweb"].get("kept") else "no RefuseWeb dialogues to turn into articles"
-    low, high = JOB_RANGES[job]
-    return None if _documents(folders, low, high) else f"no documents scored {low}-{high}"
+    return _empty_kind(JOB_INPUTS[job], folders, {})
 
 
 def _empty_kind(kind: str, folders: dict, synth: dict) -> str | None:
