@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import safety_fixtures as fx
 from safejax import cli, config, errors, vocab
-from safejax.data import dialogue, pipeline, scores, sources, split, stats, tasks
+from safejax.data import dialogue, mixing, pipeline, scores, sources, split, stats, tasks
 from safejax.data.quarantine import QUARANTINE
 
 VOCAB = vocab.load_vocabulary(vocab.BUNDLED_VOCAB)
@@ -406,3 +406,24 @@ def test_a_config_adds_a_mixture_and_every_mixture_stays_listed(safety, capsys):
     mixtures = stats.list_data()["mixtures"]
     assert {"ablation_mine", "ablation_raw_tagged", *tasks.ABLATIONS} <= set(mixtures)
     assert [t.name for t in seqio.get_mixture_or_task("ablation_raw_tagged").tasks] == ["raw_tagged"]
+
+
+def test_mixture_validation_draws_on_the_members_that_have_validation_data(safety, data_files, tmp_path):
+    """A member without held-out records (a few rephrasings, 2% validation) must not empty the
+    mixture's validation stream: seqio's default mixing stops at its first empty member."""
+    few = str(tmp_path / "few_rephrased.jsonl")
+    fx.write_jsonl(few, [{"id": "reph-0", "kind": "rephrased", "text": "a calm and neutral sentence"}])
+    safety(f"REPHRASED = [{few!r}]", "safety_mixture.name = 'ablation_full'", "DataConfig.seq_len = 64",
+           "DataConfig.global_batch_size = 4", "DataConfig.eval_batches = 1")
+    assert "rephrased" in mixing.empty_members("ablation_full", "validation", {"targets": 64})
+    batches = pipeline.eval_batches(pipeline.DataConfig())
+    assert len(batches) == 1 and (batches[0]["segment_ids"] > 0).any()
+
+
+def test_training_on_a_mixture_with_an_empty_member_names_the_member(safety, tmp_path):
+    empty = tmp_path / "refuseweb.jsonl"
+    empty.write_text("")
+    safety(f"REFUSEWEB = [{str(empty)!r}]", "safety_mixture.name = 'ablation_full'", "DataConfig.seq_len = 64",
+           "DataConfig.global_batch_size = 4")
+    with pytest.raises(errors.UserError, match="kind 'refuseweb' has no train examples"):
+        next(pipeline.train_batches(pipeline.DataConfig()))

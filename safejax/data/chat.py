@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from safejax import errors
 from safejax import vocab as vocab_lib
-from safejax.data import dialogue, sources
+from safejax.data import dialogue, mixing, sources
 from safejax.data import preprocessors as pre
 from safejax.safety import tagging
 
@@ -127,7 +127,5 @@ def chat_mixture(name: str = gin.REQUIRED, tasks: Sequence[str | None] = gin.REQ
         if not 0.0 < tagged_share < 1.0:
             raise errors.UserError(f"chat_mixture.tagged_share must be in (0, 1), got {tagged_share}")
         pairs.append((tagged, tagged_share / (1.0 - tagged_share) * sum(rate for _, rate in pairs)))
-    if name in seqio.MixtureRegistry.names():
-        seqio.MixtureRegistry.remove(name)
-    seqio.MixtureRegistry.add(name, pairs)
+    mixing.register_mixture(name, pairs)
     return name

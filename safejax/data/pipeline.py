@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from safejax import errors, native_logs
 from safejax import vocab as vocab_lib
-from safejax.data import chat
+from safejax.data import chat, mixing
 
 
 # The batch features the pipeline emits: seqio decoder feature -> the name objectives read
@@ -71,6 +71,8 @@ def _dataset(cfg: DataConfig, split: str, *, train: bool) -> tf.data.Dataset:
     lengths, converter = {"targets": cfg.seq_len}, seqio.DecoderFeatureConverter(pack=cfg.pack)
     if chat.is_chat(cfg.task):  # conversations: the loss weights are their loss_mask
         lengths, converter = {**lengths, "loss_mask": cfg.seq_len}, chat.ChatFeatureConverter(pack=cfg.pack)
+    if train:  # mixtures mix until every member is exhausted (data/mixing.py): an empty one is an error
+        mixing.check_members(cfg.task, split, lengths, cfg.use_cached)
     ds = seqio.get_dataset(
         cfg.task, lengths, converter,
         dataset_split=split, shuffle=True, num_epochs=None if train else 1, shard_info=shard,

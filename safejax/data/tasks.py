@@ -33,7 +33,7 @@ import seqio
 
 from safejax import errors
 from safejax import vocab as vocab_lib
-from safejax.data import dialogue, sources, split
+from safejax.data import dialogue, mixing, sources, split
 from safejax.data import scores as scores_lib
 from safejax.data import preprocessors as pre
 from safejax.safety import tagging
@@ -218,9 +218,7 @@ def safety_data(corpus: seqio.DataSource | None = None,
         if unrated:
             raise errors.UserError(f"safety_data.rates has no positive rate for {unrated[0]!r} "
                                    f"(used by {mixture})")
-        if prefix + mixture in seqio.MixtureRegistry.names():
-            seqio.MixtureRegistry.remove(prefix + mixture)
-        seqio.MixtureRegistry.add(prefix + mixture, [(prefix + k, rates[k]) for k in kinds])
+        mixing.register_mixture(prefix + mixture, [(prefix + k, rates[k]) for k in kinds])
         registered.append(prefix + mixture)
     return registered
 
