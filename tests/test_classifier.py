@@ -18,7 +18,7 @@ from pretrained_files import minilm_dir  # noqa: F401 (fixture)
 from safejax import config, errors
 from safejax.models import encoder as enc
 from safejax.safety.classifier_export import Scorer
-from safejax.safety import documents, labeled
+from safejax.safety import calibration, documents, labeled
 from safejax.train import classify
 from safejax.train.checkpoint import Checkpointer
 
@@ -119,11 +119,10 @@ def test_training_calibrates_the_export_and_reports_whole_documents(trained):
     assert record["calibration"]["temperature"] > 0 and len(record["calibration"]["bias"]) == 6
     rule = record["document_rule"]
     assert rule["kind"] == "calibrated" and len(rule["coef"]) == 5
-    assert len(rule["thresholds"]) == 5 and all(0.5 <= t <= 1 for t in rule["thresholds"])
-    assert rule["false_positive_rate"] == 0.05
-    per_set = rule["thresholds_per_benign_set"]  # a budget per benign source, the strictest applies
-    assert set(per_set) == {"documents_prose", "xstest_safe"}
-    assert rule["thresholds"] == list(np.max(list(per_set.values()), axis=0))
+    assert rule["thresholds"] == [0.5] * 5 and rule["false_positive_rate"] is None  # the default
+    shares = rule["benign_validation_share_at_level"]
+    assert set(shares) == {"documents_prose", "xstest_safe"}
+    assert all(1 >= s[0] >= s[1] >= s[2] >= s[3] >= s[4] >= 0 for s in shares.values())
     fitted = record["cascade"]
     assert fitted["exit_layer"] == 1 and len(fitted["head"]["weights"]) == 32 and fitted["max_miss"] == 0.05
     missed, harmful = fitted["validation"]["missed"], fitted["validation"]["harmful_windows"]
@@ -149,6 +148,25 @@ def test_training_calibrates_the_export_and_reports_whole_documents(trained):
         assert entry["cascade"]["missed"] <= entry["cascade"]["harmful_windows"]
     recall_mode = json.load(open(os.path.join(trained, "eval.json")))["recall_mode"]
     assert recall_mode["k1"]["target_precision_on_calibration"] == 0.85
+
+
+@pytest.mark.slow
+def test_a_false_positive_budget_holds_every_benign_set_to_it(trained, tmp_path):
+    """The strict-filter option: per-level thresholds from a budget per benign validation set."""
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(os.path.join(trained, "model"), model_dir)
+    corpus = documents.load_corpus(documents.DocumentDataConfig(corpus_files=[PROSE], clean_sources=["documents_prose"],
+                                                                eval_sources=["documents_prose"]))
+    clean = {"documents_prose": [d.text for d in corpus["documents_prose"]["validation"]]}
+    benign = {"xstest_safe": [d.text for d in documents.load_xstest()["xstest_safe"]["validation"]]}
+    texts = [d.text for d in documents.load_xstest()["xstest_unsafe"]["validation"]] + benign["xstest_safe"]
+    labels = np.array([4] * (len(texts) - len(benign["xstest_safe"])) + [0] * len(benign["xstest_safe"]))
+    rule = calibration.calibrate_export(model_dir, texts, labels, clean, 0, 8, 0.05, benign)["document_rule"]
+    per_set = rule["thresholds_per_benign_set"]
+    assert set(per_set) == {"documents_prose", "xstest_safe"}
+    assert rule["thresholds"] == list(np.max(list(per_set.values()), axis=0))  # the strictest applies
+    for share in rule["benign_validation_share_at_level"].values():
+        assert max(share) <= 0.05
 
 
 @pytest.mark.slow

@@ -87,15 +87,21 @@ def synthetic_documents(doc_windows: list[np.ndarray], inserts: np.ndarray, inse
 
 def calibrate_export(model_dir: str, validation_texts: list[str], validation_labels: np.ndarray,
                      clean_documents: dict[str, list[str]], seed: int, batch_size: int = 32,
-                     false_positive_rate: float = 0.05, benign_texts: dict[str, list[str]] | None = None) -> dict:
+                     false_positive_rate: float | None = None,
+                     benign_texts: dict[str, list[str]] | None = None) -> dict:
     """Fits the export's temperature and bias on the validation examples, then its document rule
     on synthetic documents made of clean validation documents' windows and those examples, and
-    the rule's per-level thresholds so that at most `false_positive_rate` of each benign set's
-    documents reach a level: each clean source's validation documents whole, and `benign_texts`
-    (e.g. XSTest's safe validation prompts). The budget is per source, so a small set (web pages)
-    is not hidden behind a large one; labeled score-0 snippets are not in it (their labels are
-    noisy: tweets labeled "neither" are often crude, and a corpus filter's budget is about
-    documents). Writes all of it into the export's classifier.json and returns it."""
+    the rule's per-level thresholds. The benign sets are each clean source's validation
+    documents whole and `benign_texts` (e.g. XSTest's safe validation prompts); labeled score-0
+    snippets are not among them (their labels are noisy: tweets labeled "neither" are often
+    crude, and a corpus filter's bar is about documents).
+
+    Thresholds: 0.5 at every level (None: the rule's own decision, P_doc(score >= k) more likely
+    than not), or, with `false_positive_rate`, the lowest that hold each benign set's documents
+    to that rate at every level (a budget per source, so a small set such as the web pages is not
+    hidden behind a large one; a strict filter that costs recall). Either way the record keeps
+    the share of each benign set reaching each level. Writes all of it into the export's
+    classifier.json and returns it."""
     from safejax.safety.classifier_export import update_export_record
     from safejax.safety import windows as windows_lib
     from safejax.safety.scoring import DocumentScorer
@@ -120,12 +126,16 @@ def calibrate_export(model_dir: str, validation_texts: list[str], validation_lab
                                        np.asarray(validation_labels), seed)
     rule = windows_lib.fit_document_rule(*features(docs), labels)
     benign = {**clean_stacks, **{name: calibrated_windows(texts) for name, texts in (benign_texts or {}).items()}}
-    per_set = {name: windows_lib.decision_thresholds(windows_lib.rule_tails(rule, *features(stacks)),
-                                                     false_positive_rate)
-               for name, stacks in benign.items() if stacks}
-    rule["thresholds"] = [float(t) for t in np.max(list(per_set.values()), axis=0)] if per_set else [0.5] * windows_lib.LEVELS
-    rule["thresholds_per_benign_set"] = per_set
+    benign_tails = {name: windows_lib.rule_tails(rule, *features(stacks)) for name, stacks in benign.items() if stacks}
+    thresholds = [0.5] * windows_lib.LEVELS
+    if false_positive_rate is not None and benign_tails:
+        per_set = {name: windows_lib.decision_thresholds(t, false_positive_rate) for name, t in benign_tails.items()}
+        thresholds = [float(t) for t in np.max(list(per_set.values()), axis=0)]
+        rule["thresholds_per_benign_set"] = per_set
+    rule["thresholds"] = thresholds
     rule["false_positive_rate"] = false_positive_rate
+    rule["benign_validation_share_at_level"] = {  # documents scoring >= k, k = 1..5
+        name: [float(x) for x in windows_lib.level_shares(t, thresholds)] for name, t in benign_tails.items()}
     calibration = {"temperature": temperature, "bias": bias, "examples": int(len(validation_labels))}
     update_export_record(model_dir, calibration=calibration, document_rule=rule)
     return {"calibration": calibration, "document_rule": rule}

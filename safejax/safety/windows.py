@@ -135,6 +135,12 @@ def fit_document_rule(peaks: np.ndarray, sizes: np.ndarray, labels: np.ndarray) 
     return {"kind": "calibrated", "coef": coef, "documents": int(len(labels))}
 
 
+def level_shares(doc_tails: np.ndarray, thresholds) -> np.ndarray:
+    """(5,) the share of documents whose integer score is >= k, k = 1..5, at `thresholds`."""
+    scores = np.cumprod(doc_tails >= np.asarray(thresholds), axis=1).sum(axis=1)
+    return np.array([(scores >= k).mean() for k in range(1, LEVELS + 1)])
+
+
 def decision_thresholds(benign_tails: np.ndarray, false_positive_rate: float) -> list[float]:
     """Per level k, the lowest threshold on the document's P(score >= k), at least 0.5, that at
     most `false_positive_rate` of the benign (score 0) documents reach: a corpus filter's budget

@@ -108,7 +108,9 @@ class ClassifierTrainConfig:
     positive_weight: float = 1.0
     class_weights: str | Sequence[float] = "balanced"
     eval_examples: int = 512  # of the validation split, for the eval loss at the end of training
-    document_false_positive_rate: float = 0.05  # of benign validation documents a score level may flag
+    # None: document thresholds at 0.5; a rate: the strictest that hold every benign validation
+    # set to it at each level (safety/calibration.calibrate_export)
+    document_false_positive_rate: float | None = None
     evaluate: bool = True  # run classifier-eval (model and baselines on the test split) at the end
 
     def steps(self, examples: int) -> tuple[int, int]:
