@@ -169,17 +169,16 @@ def cmd_classifier_eval(args, bindings) -> int:
 
 def cmd_score(args, bindings) -> int:
     from safejax import parallel
+    from safejax.safety import scoring
 
     parallel.initialize_distributed()
-    options = dict(batch_size=args.batch_size, overlap=args.overlap, dtype=args.dtype, rule=args.rule,
-                   cascade=args.cascade == "on")
+    options = dict(batch_size=args.batch_size, overlap=args.overlap, dtype=args.dtype or scoring.SCORE_DTYPE,
+                   rule=args.rule, cascade=args.cascade == "on")
     if args.beam:
         from safejax.safety import scoring_beam
 
         summary = scoring_beam.score_corpus(args.checkpoint, args.input, args.output, args.passthrough, **options)
     else:
-        from safejax.safety import scoring
-
         summary = scoring.score_corpus(args.checkpoint, args.input, args.output, **options)
     print(json.dumps(summary))
     return 0
@@ -402,8 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--overlap", type=int, help="tokens shared by consecutive windows (default 32, at "
                                                    "most a quarter of a window)")
     score.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                       help="matmul precision (default: the checkpoint's); bfloat16 is faster on CPUs with "
-                            "AVX512-BF16; speed and agreement with float32 in benchmarks/PEERS.md")
+                       help="matmul precision (default bfloat16 with float32 accumulation; float32 is the slower "
+                            "reference); speed and agreement in benchmarks/PEERS.md")
     score.add_argument("--rule", choices=("calibrated", "max"), default=None,
                        help="document rule (default: the checkpoint's, calibrated; max: the paper's highest "
                             "window, recall first; safety/windows.py)")

@@ -147,6 +147,8 @@ def test_score_shards_are_valid_and_a_rerun_skips_finished_shards(model_dir, cor
     assert resumed["documents"] == 25
     with pytest.raises(errors.UserError, match="holds scores made with"):
         scoring.score_corpus(model_dir, corpus[:1], out, overlap=8, progress_bar=False)
+    with pytest.raises(errors.UserError, match="holds scores made with"):  # bf16 shards, not float32 ones
+        scoring.score_corpus(model_dir, corpus, out, batch_size=8, overlap=8, progress_bar=False, dtype="float32")
 
 
 def test_beam_pipeline_writes_the_same_shards(model_dir, corpus, tmp_path):
@@ -165,6 +167,7 @@ def test_score_command_prints_a_summary(model_dir, corpus, tmp_path, capsys):
                      str(tmp_path / "s"), "--batch_size", "8", "--overlap", "8"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["documents"] == 25 and summary["shards"] == 1
+    assert summary["dtype"] == "bfloat16"  # the default: bf16 matmuls, float32 accumulation
     assert cli.main(["score", "--checkpoint", str(tmp_path), "--input", corpus[0], "--output",
                      str(tmp_path / "t")]) == 2
     assert "not an exported classifier" in capsys.readouterr().err

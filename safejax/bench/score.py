@@ -23,6 +23,9 @@ source. --dtype sets the encoder's compute dtype (parameters stay float32); the 
 benchmarks/peers/hf_score.py (the Hugging Face transformers peer, see benchmarks/PEERS.md) can show it
 scored the same windows. --cascade off scores every window with the whole encoder even when the
 export has a cascade (safety/cascade.py); `windows_cleared` is the share its first stage cleared.
+--dtype defaults to `safejax score`'s (bfloat16). --agreement then scores the same documents again
+with float32 and no cascade (untimed) and reports how many documents' integer scores moved, and
+the share at >= 3 under each: what the fast defaults cost against full scoring.
 """
 
 from __future__ import annotations
@@ -75,6 +78,15 @@ def score_all(scorer: scoring.DocumentScorer, texts: list[str]) -> list:
     return [r for i in range(0, len(texts), step) for r in scorer.score(texts[i:i + step])]
 
 
+def score_agreement(fast: list, full: list) -> dict:
+    """Documents whose integer score differs between two scorings, and each one's share at >= 3."""
+    a, b = np.array([d.score for d in fast]), np.array([d.score for d in full])
+    return {"documents": len(a), "score_changed": int((a != b).sum()), "share_ge3": round(float((a >= 3).mean()), 4),
+            "share_ge3_full": round(float((b >= 3).mean()), 4),
+            "max_expected_score_diff": round(max((abs(x.expected_score - y.expected_score) for x, y in zip(fast, full)),
+                                                 default=0.0), 4)}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="safejax bench score", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a classifier export (a training run's model/ folder)")
@@ -82,9 +94,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, default=32, help="windows per classifier call")
     parser.add_argument("--overlap", type=int, help="tokens shared by consecutive windows (default: score's)")
     parser.add_argument("--warmup", type=int, default=16, help="documents scored before timing")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: the export's)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=scoring.SCORE_DTYPE,
+                        help=f"matmul precision (default {scoring.SCORE_DTYPE}, as safejax score)")
     parser.add_argument("--cascade", choices=("on", "off"), default="on",
                         help="the export's scoring cascade, where it has one (default on)")
+    parser.add_argument("--agreement", action="store_true",
+                        help="also score the documents with float32 and no cascade and compare (untimed)")
     args = parser.parse_args(argv)
     texts = corpus_texts(args.docs)
     load_before = os.getloadavg()[0]
@@ -96,8 +111,12 @@ def main(argv: list[str]) -> int:
         score_all(scorer, texts[:args.warmup])
         scorer.scorer.windows_cleared = 0
         start, cpu = time.perf_counter(), time.process_time()
-        score_all(scorer, texts)
+        scored = score_all(scorer, texts)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        if args.agreement:
+            full = scoring.DocumentScorer(model_dir, batch_size=args.batch, overlap=args.overlap, dtype="float32",
+                                          cascade=False)
+            agreement = score_agreement(scored, score_all(full, texts))
     windows, _ = scorer.windows(texts)
     lengths = np.array([len(w) for w in windows])
     corpus_windows, _ = scorer.windows(corpus_texts(None))
@@ -114,6 +133,7 @@ def main(argv: list[str]) -> int:
               "windows_cleared": round(scorer.scorer.windows_cleared / max(len(windows), 1), 4),
               "model": args.checkpoint or "all-MiniLM-L6-v2 + random head", "windows_sha1": windows_digest(windows),
               "devices": jax.device_count(), "platform": jax.devices()[0].platform,
-              "load_avg_1m_before": round(load_before, 2), "load_avg_1m": round(os.getloadavg()[0], 2)}
+              "load_avg_1m_before": round(load_before, 2), "load_avg_1m": round(os.getloadavg()[0], 2),
+              **({"agreement": agreement} if args.agreement else {})}
     print(json.dumps(result), flush=True)
     return 0

@@ -27,7 +27,7 @@ class DemoConfig:
     held_out_clean_documents: int = 20  # perplexity's clean text (corpus.write_held_out_clean)
     # scoring
     score_batch_size: int = 32
-    score_dtype: str | None = None
+    score_dtype: str = "bfloat16"  # as `safejax score`; "float32" for the export's full precision
     score_rule: str | None = None  # None: the export's (calibrated); "max": the paper's highest window
     split_bindings: Sequence[str] = ()  # e.g. split_by_score.score_field (data/split.py)
     # synthesis

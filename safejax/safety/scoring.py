@@ -30,6 +30,10 @@ from safejax.data.quarantine import QUARANTINE
 from safejax.safety.windows import DocumentScore, document_scores, window_spans
 
 DEFAULT_OVERLAP = 32  # tokens shared by consecutive windows (at most a quarter of a window)
+# `safejax score`'s matmul precision: bf16 inputs, f32 accumulation (what accelerators score in; on
+# a CPU with AVX512-BF16 1.8x the float32 rate), agreement with float32 in benchmarks/PEERS.md.
+# Calibration, classifier-eval and the evaluation judge score in the export's float32.
+SCORE_DTYPE = "bfloat16"
 DOCS_PER_CALL = 256  # documents windowed and scored together (their windows sorted by length)
 
 
@@ -137,19 +141,19 @@ def score_shard(scorer: DocumentScorer, index: int, path: str, output_dir: str,
 
 
 def check_manifest(output_dir: str, checkpoint: str, files: list[str], rule: str | None = None,
-                   cascade: bool = True) -> None:
-    """One output folder, one model, rule, cascade setting and input list: a rerun resumes,
-    another job is refused."""
+                   cascade: bool = True, dtype: str | None = SCORE_DTYPE) -> None:
+    """One output folder, one model, rule, cascade setting, precision and input list: a rerun
+    resumes, another job is refused."""
     manifest = {"checkpoint": os.path.abspath(checkpoint), "inputs": [os.path.abspath(f) for f in files],
-                "rule": rule or "export", **({} if cascade else {"cascade": "off"})}
+                "rule": rule or "export", **({} if cascade else {"cascade": "off"}), "dtype": dtype or "export"}
     sources.claim_output_dir(output_dir, manifest, "scores")
 
 
 def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, batch_size: int = 64,
-                 overlap: int | None = None, progress_bar: bool = True, dtype: str | None = None,
+                 overlap: int | None = None, progress_bar: bool = True, dtype: str | None = SCORE_DTYPE,
                  rule: str | None = None, cascade: bool = True) -> dict:
-    """Scores every input file this process owns; returns a summary. `dtype` "bfloat16" runs the
-    encoder's matmuls in bf16 (less CPU; speed and agreement with float32 in benchmarks/PEERS.md)."""
+    """Scores every input file this process owns; returns a summary. `dtype` None or "float32"
+    scores in the export's float32 (the slower reference)."""
     import jax
 
     files = sources.expand_files(inputs)
@@ -157,7 +161,7 @@ def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, bat
     scorer = DocumentScorer(checkpoint, batch_size=batch_size, overlap=overlap, dtype=dtype, rule=rule,
                             cascade=cascade)
     if jax.process_index() == 0:
-        check_manifest(output_dir, checkpoint, files, rule, cascade)
+        check_manifest(output_dir, checkpoint, files, rule, cascade, dtype)
     QUARANTINE.reset()  # the summary counts this job's records only
     QUARANTINE.write_to(os.path.join(output_dir, f"quarantine-{jax.process_index()}.jsonl"))
     mine = [(i, f) for i, f in enumerate(files) if i % jax.process_count() == jax.process_index()]
@@ -165,5 +169,6 @@ def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, bat
     with tqdm.tqdm(unit=" docs", disable=not progress_bar, desc="scoring") as bar:
         scored = sum(score_shard(scorer, i, f, output_dir, bar) for i, f in mine)
         rate = bar.format_dict["rate"]
-    return {"output": os.path.abspath(output_dir), "shards": len(mine), "shards_already_done": skipped,
+    return {"output": os.path.abspath(output_dir), "dtype": scorer.scorer.cfg.encoder.dtype,
+            "shards": len(mine), "shards_already_done": skipped,
             "documents": scored, "docs_per_sec": round(rate or 0.0, 1), "quarantined": QUARANTINE.counts()}

@@ -36,12 +36,12 @@ class ScoreShards(beam.DoFn):
 
 
 def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, beam_args: Sequence[str],
-                 *, batch_size: int = 64, overlap: int | None = None, dtype: str | None = None,
+                 *, batch_size: int = 64, overlap: int | None = None, dtype: str | None = scoring.SCORE_DTYPE,
                  rule: str | None = None, cascade: bool = True) -> dict:
     """Runs the pipeline (DirectRunner unless `beam_args` name another); returns a summary."""
     files = sources.expand_files(inputs)
     read_export_config(scoring.model_dir(checkpoint))  # a mistyped --checkpoint must not claim the folder
-    scoring.check_manifest(output_dir, checkpoint, files, rule, cascade)
+    scoring.check_manifest(output_dir, checkpoint, files, rule, cascade, dtype)
     options = dict(batch_size=batch_size, overlap=overlap, dtype=dtype, rule=rule, cascade=cascade)
     with beam.Pipeline(options=PipelineOptions(list(beam_args) or ["--runner=DirectRunner"])) as pipeline:
         _ = (pipeline | "shards" >> beam.Create(list(enumerate(files)))
