@@ -161,7 +161,11 @@ def test_a_false_positive_budget_holds_every_benign_set_to_it(trained, tmp_path)
     benign = {"xstest_safe": [d.text for d in documents.load_xstest()["xstest_safe"]["validation"]]}
     texts = [d.text for d in documents.load_xstest()["xstest_unsafe"]["validation"]] + benign["xstest_safe"]
     labels = np.array([4] * (len(texts) - len(benign["xstest_safe"])) + [0] * len(benign["xstest_safe"]))
-    rule = calibration.calibrate_export(model_dir, texts, labels, clean, 0, 8, 0.05, benign)["document_rule"]
+    record, probs = calibration.calibrate_export(model_dir, texts, labels, clean, 0, 8, 0.05, benign)
+    rule = record["document_rule"]
+    assert probs.shape[1] == 6 and len(probs) > len(texts)  # the examples, then the clean windows
+    np.testing.assert_allclose(probs[:len(texts)], Scorer(model_dir, batch_size=8, cascade=False).probs(texts),
+                               atol=1e-5)  # what the cascade would otherwise score again
     per_set = rule["thresholds_per_benign_set"]
     assert set(per_set) == {"documents_prose", "xstest_safe"}
     assert rule["thresholds"] == list(np.max(list(per_set.values()), axis=0))  # the strictest applies

@@ -88,7 +88,7 @@ def synthetic_documents(doc_windows: list[np.ndarray], inserts: np.ndarray, inse
 def calibrate_export(model_dir: str, validation_texts: list[str], validation_labels: np.ndarray,
                      clean_documents: dict[str, list[str]], seed: int, batch_size: int = 32,
                      false_positive_rate: float | None = None,
-                     benign_texts: dict[str, list[str]] | None = None) -> dict:
+                     benign_texts: dict[str, list[str]] | None = None) -> tuple[dict, np.ndarray]:
     """Fits the export's temperature and bias on the validation examples, then its document rule
     on synthetic documents made of clean validation documents' windows and those examples, and
     the rule's per-level thresholds. The benign sets are each clean source's validation
@@ -101,7 +101,8 @@ def calibrate_export(model_dir: str, validation_texts: list[str], validation_lab
     to that rate at every level (a budget per source, so a small set such as the web pages is not
     hidden behind a large one; a strict filter that costs recall). Either way the record keeps
     the share of each benign set reaching each level. Writes all of it into the export's
-    classifier.json and returns it."""
+    classifier.json and returns it, with the calibrated probabilities of the validation examples
+    followed by the clean documents' windows (what the scoring cascade is fitted against)."""
     from safejax.safety.classifier_export import update_export_record
     from safejax.safety import windows as windows_lib
     from safejax.safety.scoring import DocumentScorer
@@ -138,4 +139,5 @@ def calibrate_export(model_dir: str, validation_texts: list[str], validation_lab
         name: [float(x) for x in windows_lib.level_shares(t, thresholds)] for name, t in benign_tails.items()}
     calibration = {"temperature": temperature, "bias": bias, "examples": int(len(validation_labels))}
     update_export_record(model_dir, calibration=calibration, document_rule=rule)
-    return {"calibration": calibration, "document_rule": rule}
+    scored = np.concatenate([example_probs, *[w for stacks in clean_stacks.values() for w in stacks]])
+    return {"calibration": calibration, "document_rule": rule}, scored

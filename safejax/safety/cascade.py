@@ -107,10 +107,12 @@ def fit(cfg: CascadeConfig, train_features: np.ndarray, train_labels: np.ndarray
 
 def fit_export(model_dir: str, cfg: CascadeConfig, train_texts: list[str], train_labels: np.ndarray,
                validation_texts: list[str], validation_labels: np.ndarray, clean_documents: list[str],
-               seed: int, batch_size: int = 32) -> dict | None:
+               seed: int, batch_size: int = 32, validation_probs: np.ndarray | None = None) -> dict | None:
     """Fits the cascade of a calibrated export and writes it into its classifier.json: the head
     on a sample of the training split, the threshold on the validation examples and the windows
-    of the clean validation documents (what a corpus mostly is). None when exit_layer is 0."""
+    of the clean validation documents (what a corpus mostly is). `validation_probs`: the whole
+    encoder's calibrated probabilities of those examples and windows, in that order, where
+    calibration already computed them (calibration.calibrate_export). None when exit_layer is 0."""
     from safejax.safety.classifier_export import update_export_record
     from safejax.safety.scoring import DocumentScorer
 
@@ -128,7 +130,11 @@ def fit_export(model_dir: str, cfg: CascadeConfig, train_texts: list[str], train
     doc_rows, _ = scorer.windows(clean_documents)
     rows = encode(validation_texts) + doc_rows
     labels = np.concatenate([np.asarray(validation_labels), np.zeros(len(doc_rows), np.int64)])
+    if validation_probs is None:
+        validation_probs = scorer.scorer.full_probs_ids(rows)
+    elif len(validation_probs) != len(rows):
+        raise ValueError(f"{len(validation_probs)} validation probabilities for {len(rows)} rows")
     record = fit(cfg, scorer.scorer.pooled_ids(train_rows, cfg.exit_layer), np.asarray(train_labels)[keep],
-                 scorer.scorer.pooled_ids(rows, cfg.exit_layer), scorer.scorer.full_probs_ids(rows), seed, labels)
+                 scorer.scorer.pooled_ids(rows, cfg.exit_layer), validation_probs, seed, labels)
     update_export_record(model_dir, cascade=record)
     return record

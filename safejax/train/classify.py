@@ -328,13 +328,13 @@ def train(workdir: str) -> dict:
             seed=doc_cfg.seed, fractions=doc_cfg.xstest_split_fractions)["xstest_safe"]["validation"]]}
                   if doc_cfg.xstest else {})
         val_texts, val_labels = [e.text for e in built.calibration], np.array([e.score for e in built.calibration])
-        summary["calibration"] = calibration.calibrate_export(
+        summary["calibration"], val_probs = calibration.calibrate_export(
             model_dir, val_texts, val_labels, clean, data_cfg.seed, train_cfg.batch_size,
             train_cfg.document_false_positive_rate, benign)
         fitted = cascade.fit_export(
             model_dir, cascade.CascadeConfig(), [e.text for e in train_data.examples], train_data.labels,
             val_texts, val_labels, [t for texts in clean.values() for t in texts], data_cfg.seed,
-            train_cfg.batch_size)
+            train_cfg.batch_size, val_probs)
         summary["cascade"] = fitted and {k: v for k, v in fitted.items() if k not in ("head", "cleared_probs")}
         if train_cfg.evaluate:
             summary["eval"] = classifier_eval.evaluate(workdir)["model"]
