@@ -114,12 +114,7 @@ def _demo(workdir, *extra):
     return done.stdout, time.perf_counter() - began
 
 
-# `demo --quick` took about 12 minutes on 2 shared cores (the issue's budget is 5): with the rest of
-# the suite that is over CI's 30 minutes, so it runs where SAFEJAX_DEMO_TEST=1 until quick mode
-# fits its budget (issue 19).
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("SAFEJAX_DEMO_TEST") != "1",
-                    reason="demo --quick does not yet fit CI's time budget; set SAFEJAX_DEMO_TEST=1")
 def test_demo_quick_end_to_end_and_a_rerun_resumes(tmp_path, minilm_dir):  # noqa: F811
     workdir = str(tmp_path / "demo")
     out, _ = _demo(workdir)
@@ -153,6 +148,7 @@ def test_demo_quick_end_to_end_and_a_rerun_resumes(tmp_path, minilm_dir):  # noq
     assert "n/a" not in report.split("## Efficacy targets")[0]  # every Figure 1 cell measured
     assert os.path.isfile(demo.path("figure1.png")) and os.path.isfile(demo.path("stage_times.png"))
     assert f"report: {demo.path('report.md')}" in out and "| after benign finetuning |" in out
+    assert os.listdir(demo.path("xla_cache"))  # the stages' compilations, reused by later stages and reruns
     # A rerun skips the finished stages; with two markers gone (as after a kill in the last eval)
     # those two run again, the eval from its cached generations.
     os.remove(stages.marker_path(workdir, "eval_safe_gsm8k"))
