@@ -300,6 +300,26 @@ def test_template_rephrase_keeps_only_sentences_judged_safe(tmp_path):
     assert judged.output is None and "no sentence" in judged.error
 
 
+class RecordingScorer(StubScorer):
+    def __init__(self):
+        self.calls = []
+
+    def score(self, texts):
+        self.calls.append(len(texts))
+        return super().score(texts)
+
+
+def test_template_rephrase_judges_the_sentences_of_gate_batch_pieces_in_one_call(tmp_path):
+    inputs = [_docs(tmp_path / "in.jsonl", _neutral_docs(10))]
+    one_by_one, batched = RecordingScorer(), RecordingScorer()
+    _synth("rephrase", inputs, tmp_path / "one", scorer=one_by_one, gate_batch=1)
+    _synth("rephrase", inputs, tmp_path / "batched", scorer=batched, gate_batch=4)
+    texts = lambda out: [(r["id"], r["text"]) for r in _read(tmp_path / out / "rephrased.jsonl")]
+    assert len(texts("batched")) == 10 and texts("batched") == texts("one")
+    assert len(one_by_one.calls) == 20  # each piece's sentences, then its output
+    assert len(batched.calls) == 6 and sum(batched.calls) == sum(one_by_one.calls)  # 3 chunks (4, 4, 2), twice
+
+
 def test_the_gate_rejects_an_unsafe_output_and_says_why(fake, tmp_path):
     docs = [("ok", "plain text", 2), ("bad", "plain text [unsafe]", 3)]
     summary = _synth("rephrase", [_docs(tmp_path / "in.jsonl", docs)], tmp_path / "out", "endpoint",

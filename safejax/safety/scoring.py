@@ -30,9 +30,10 @@ from safejax.data.quarantine import QUARANTINE
 from safejax.safety.windows import DocumentScore, document_scores, window_spans
 
 DEFAULT_OVERLAP = 32  # tokens shared by consecutive windows (at most a quarter of a window)
-# `safejax score`'s matmul precision: bf16 inputs, f32 accumulation (what accelerators score in; on
-# a CPU with AVX512-BF16 1.8x the float32 rate), agreement with float32 in benchmarks/PEERS.md.
-# Calibration, classifier-eval and the evaluation judge score in the export's float32.
+# The matmul precision of `safejax score` and of synthesis's quality gate: bf16 inputs, f32
+# accumulation (what accelerators score in; on a CPU with AVX512-BF16 1.8x the float32 rate),
+# agreement with float32 in benchmarks/PEERS.md. Calibration, classifier-eval and the evaluation
+# judge score in the export's float32.
 SCORE_DTYPE = "bfloat16"
 DOCS_PER_CALL = 256  # documents windowed and scored together (their windows sorted by length)
 

@@ -17,10 +17,11 @@ from safejax.synth.jobs import Outcome
 
 
 def load_scorer(checkpoint: str, batch_size: int = 64):
-    """`safejax score`'s document scorer (windows over long texts, the export's document rule)."""
-    from safejax.safety.scoring import DocumentScorer
+    """`safejax score`'s document scorer (windows over long texts, the export's document rule),
+    at its precision."""
+    from safejax.safety.scoring import SCORE_DTYPE, DocumentScorer
 
-    return DocumentScorer(checkpoint, batch_size=batch_size)
+    return DocumentScorer(checkpoint, batch_size=batch_size, dtype=SCORE_DTYPE)
 
 
 def sentence_judge(scorer, max_score: int):

@@ -20,8 +20,9 @@ The output directory (point safety_data.rephrased / .refuseweb / .moral_educatio
 The directory is its own cache: every record is keyed by (prompt sha, backend, model, source
 id, piece) and appended, flushed, as it is settled; a killed run loses no settled record, and a
 rerun sends only the items not in the output, rejected or invalid files (torn last lines are cut
-off). With a classifier, outputs wait to be scored in batches of `gate_batch`: a kill loses at most
-those.
+off). With a classifier, outputs wait to be scored in batches of `gate_batch` (and the template
+backend produces that many items at a time, its sentence verdicts in one call): a kill loses at
+most those.
 A directory made with other prompts, another backend, model or gate is refused.
 """
 
@@ -42,6 +43,7 @@ from safejax.data.quarantine import QUARANTINE
 from safejax.safety import resumable
 from safejax.safety.openai_client import ChatClient, ChatEndpoint, EndpointError
 from safejax.safety.rubric import NUM_SCORES
+from safejax.safety.scoring import SCORE_DTYPE
 from safejax.synth import inputs as inputs_lib
 from safejax.synth.backends import EndpointBackend
 from safejax.synth.gate import Gate, load_scorer, sentence_judge
@@ -77,7 +79,7 @@ class SynthConfig:
     reject_at: dict = dataclasses.field(default_factory=lambda: {"rephrase": 2, "refuseweb": 3, "moral": 2})
     sentence_max_score: int = 0  # template rephrase keeps sentences the classifier scores at most this
     classifier_batch_size: int = 64
-    gate_batch: int = 32  # outputs scored by the classifier together
+    gate_batch: int = 32  # outputs scored by the classifier together (template: items produced together)
     template_file: str = "synth/template.json"
     prompt_files: dict = dataclasses.field(default_factory=lambda: {n: j.prompt_file for n, j in JOBS.items()})
     retry_invalid: bool = False  # resend items whose reply stayed invalid in an earlier run
@@ -284,6 +286,7 @@ def _manifest(settings: Settings, producer: Producer) -> dict:
             "prompt_sha": backend.sha, "temperature": settings.endpoint.temperature if settings.endpoint else None,
             "piece_chars": cfg.piece_chars, "seed": cfg.seed, "styles": list(cfg.styles),
             "role_pairs": [list(p) for p in cfg.role_pairs], "classifier": settings.classifier,
+            "classifier_dtype": SCORE_DTYPE if settings.classifier else None,
             "reject_at": cfg.reject_at.get(settings.job, 2) if settings.classifier else None,
             "score_range": list(settings.range())}
 
@@ -312,6 +315,15 @@ def synthesize(settings: Settings, inputs: Sequence[str], output_dir: str, produ
     pool = resumable.RequestPool(cfg.concurrency, "synth") if producer.client else None
     bar = tqdm.tqdm(unit=" rec", desc=f"synth {job.name}", disable=not cfg.progress_bar)
     items = cached = 0
+    chunk: list[Item] = []  # the template backend produces gate_batch items at a time
+
+    def settle_chunk() -> int:
+        if not chunk:
+            return 0
+        settled = sum(run.settle(i, outcome) for i, outcome in zip(chunk, backend.produce_many(job.name, chunk)))
+        chunk.clear()
+        return settled
+
     loop_start = time.time()
     try:
         for item in maker.items(files, table, counts):
@@ -320,14 +332,16 @@ def synthesize(settings: Settings, inputs: Sequence[str], output_dir: str, produ
                 cached += item.key in run.done
                 continue
             if pool is None:
-                bar.update(run.settle(item, backend.produce(job.name, item)))
+                chunk.append(item)
+                if len(chunk) >= cfg.gate_batch:
+                    bar.update(settle_chunk())
                 continue
             pool.submit(item.key, item, backend.produce, job.name, item)
             while pool.full():
                 bar.update(sum(run.settle(i[0], outcome) for _, i, outcome in pool.collect()))
         if pool is not None:
             bar.update(sum(run.settle(i[0], outcome) for _, i, outcome in pool.collect(everything=True)))
-        bar.update(run.flush())
+        bar.update(settle_chunk() + run.flush())
     except BaseException:
         if producer.client:
             producer.client.stop()  # in-flight requests end without further retries

@@ -104,13 +104,32 @@ class TemplateBackend:
     # --- the three jobs -----------------------------------------------------------------
 
     def produce(self, job: str, item: Item) -> Outcome:
-        rng = random.Random(item.key)
-        return {"rephrase": self._rephrase, "refuseweb": self._refuseweb, "moral": self._moral}[job](item, rng)
+        return self.produce_many(job, [item])[0]
 
-    def _rephrase(self, item: Item, rng: random.Random) -> Outcome:
-        candidates = [s for s in pieces.sentences(item.text)
-                      if SENTENCE_WORDS[0] <= len(s.split()) <= SENTENCE_WORDS[1] and not _UNSAFE_TO_QUOTE.search(s)]
-        kept = [s for s, safe in zip(candidates, self._safe_sentences(candidates) if candidates else []) if safe]
+    def produce_many(self, job: str, items: Sequence[Item]) -> list[Outcome]:
+        """The items' outcomes, in order. Rephrase asks the classifier about every candidate
+        sentence of all the items in one call: a piece's few dozen sentences alone fill one
+        padded batch at the longest one's length, many pieces' sorted by length fill them densely."""
+        if job == "rephrase":
+            kept = self._safe_to_keep([self._candidates(item.text) for item in items])
+            return [self._rephrase(item, random.Random(item.key), k) for item, k in zip(items, kept)]
+        make = {"refuseweb": self._refuseweb, "moral": self._moral}[job]
+        return [make(item, random.Random(item.key)) for item in items]
+
+    def _candidates(self, text: str) -> list[str]:
+        return [s for s in pieces.sentences(text)
+                if SENTENCE_WORDS[0] <= len(s.split()) <= SENTENCE_WORDS[1] and not _UNSAFE_TO_QUOTE.search(s)]
+
+    def _safe_to_keep(self, candidates: list[list[str]]) -> list[list[str]]:
+        """Each list's sentences that `safe_sentences` keeps, from one call over all of them."""
+        verdicts = self._safe_sentences([s for c in candidates for s in c]) if any(candidates) else []
+        kept, start = [], 0
+        for sentences in candidates:
+            kept.append([s for s, safe in zip(sentences, verdicts[start:start + len(sentences)]) if safe])
+            start += len(sentences)
+        return kept
+
+    def _rephrase(self, item: Item, rng: random.Random, kept: list[str]) -> Outcome:
         category = self.category(item.text)
         if not kept:
             return Outcome(error="no sentence of the piece is safe to keep", category=category)
