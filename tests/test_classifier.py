@@ -19,6 +19,7 @@ from safejax import config, errors
 from safejax.models import encoder as enc
 from safejax.safety.classifier_export import Scorer
 from safejax.safety import calibration, documents, labeled
+from safejax.safety.scoring import SCORE_DTYPE
 from safejax.train import classify
 from safejax.train.checkpoint import Checkpointer
 
@@ -164,8 +165,9 @@ def test_a_false_positive_budget_holds_every_benign_set_to_it(trained, tmp_path)
     record, probs = calibration.calibrate_export(model_dir, texts, labels, clean, 0, 8, 0.05, benign)
     rule = record["document_rule"]
     assert probs.shape[1] == 6 and len(probs) > len(texts)  # the examples, then the clean windows
-    np.testing.assert_allclose(probs[:len(texts)], Scorer(model_dir, batch_size=8, cascade=False).probs(texts),
-                               atol=1e-5)  # what the cascade would otherwise score again
+    np.testing.assert_allclose(probs[:len(texts)], Scorer(model_dir, batch_size=8, cascade=False,
+                                                          dtype=SCORE_DTYPE).probs(texts),
+                               atol=1e-5)  # what the cascade would otherwise score again, at scoring's precision
     per_set = rule["thresholds_per_benign_set"]
     assert set(per_set) == {"documents_prose", "xstest_safe"}
     assert rule["thresholds"] == list(np.max(list(per_set.values()), axis=0))  # the strictest applies

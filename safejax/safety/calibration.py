@@ -105,9 +105,9 @@ def calibrate_export(model_dir: str, validation_texts: list[str], validation_lab
     followed by the clean documents' windows (what the scoring cascade is fitted against)."""
     from safejax.safety.classifier_export import update_export_record
     from safejax.safety import windows as windows_lib
-    from safejax.safety.scoring import DocumentScorer
+    from safejax.safety.scoring import SCORE_DTYPE, DocumentScorer
 
-    scorer = DocumentScorer(model_dir, batch_size=batch_size, calibrated=False)
+    scorer = DocumentScorer(model_dir, batch_size=batch_size, calibrated=False, dtype=SCORE_DTYPE)
     raw = scorer.scorer.probs(validation_texts)
     temperature, bias = fit(np.log(np.maximum(raw, 1e-12)), validation_labels)
 

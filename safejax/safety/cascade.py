@@ -114,12 +114,12 @@ def fit_export(model_dir: str, cfg: CascadeConfig, train_texts: list[str], train
     encoder's calibrated probabilities of those examples and windows, in that order, where
     calibration already computed them (calibration.calibrate_export). None when exit_layer is 0."""
     from safejax.safety.classifier_export import update_export_record
-    from safejax.safety.scoring import DocumentScorer
+    from safejax.safety.scoring import SCORE_DTYPE, DocumentScorer
 
     if cfg.exit_layer == 0:
         update_export_record(model_dir, cascade=None)
         return None
-    scorer = DocumentScorer(model_dir, batch_size=batch_size, cascade=False)
+    scorer = DocumentScorer(model_dir, batch_size=batch_size, cascade=False, dtype=SCORE_DTYPE)
     if cfg.exit_layer >= scorer.scorer.cfg.encoder.num_layers:
         raise errors.UserError(f"CascadeConfig.exit_layer={cfg.exit_layer} must be below the encoder's "
                                f"{scorer.scorer.cfg.encoder.num_layers} layers")

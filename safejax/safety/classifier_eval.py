@@ -281,10 +281,10 @@ def document_evaluation(model_dir: str, doc_cfg, split: str = "test", batch_size
     """Every evaluated source's `split` documents through `safejax score`'s own scorer, under the
     export's document rule and under "max": score histograms, the expectations of
     documents.EXPECTATIONS, and precision/recall where documents carry labels."""
-    from safejax.safety.scoring import DocumentScorer
+    from safejax.safety.scoring import SCORE_DTYPE, DocumentScorer
     from safejax.safety.windows import document_scores
 
-    scorer = DocumentScorer(model_dir, batch_size=batch_size)
+    scorer = DocumentScorer(model_dir, batch_size=batch_size, dtype=SCORE_DTYPE)
     rules = {"default": scorer.rule, "max": {"kind": "max"}}
     sets = documents.eval_sets(doc_cfg, split)
     report = {"split": split, "rule": scorer.rule["kind"], "split_fractions": list(doc_cfg.split_fractions),

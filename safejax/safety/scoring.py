@@ -30,10 +30,11 @@ from safejax.data.quarantine import QUARANTINE
 from safejax.safety.windows import DocumentScore, document_scores, window_spans
 
 DEFAULT_OVERLAP = 32  # tokens shared by consecutive windows (at most a quarter of a window)
-# The matmul precision of `safejax score` and of synthesis's quality gate: bf16 inputs, f32
-# accumulation (what accelerators score in; on a CPU with AVX512-BF16 1.8x the float32 rate),
-# agreement with float32 in benchmarks/PEERS.md. Calibration, classifier-eval and the evaluation
-# judge score in the export's float32.
+# The matmul precision of `safejax score`: bf16 inputs, f32 accumulation (what accelerators score
+# in; on a CPU with AVX512-BF16 1.8x the float32 rate), agreement with float32 in
+# benchmarks/PEERS.md. What depends on its scores uses it too: the calibration and the cascade fit
+# (fitted on the probabilities and features scoring will see), classifier-eval's documents and
+# synthesis's quality gate. The snippet metrics and the evaluation judge measure the export's float32.
 SCORE_DTYPE = "bfloat16"
 DOCS_PER_CALL = 256  # documents windowed and scored together (their windows sorted by length)
 
