@@ -356,7 +356,7 @@ def test_endpoint_retries_repairs_and_keeps_invalid_replies(fake, tmp_path):
 
 
 def test_concurrency_is_requests_in_flight(fake, tmp_path):
-    fake.delay_s = 0.2
+    fake.delay_s = 0.5  # long enough that all 4 overlap on a busy 2-core machine (xdist's other worker)
     summary = _synth("refuseweb", [_docs(tmp_path / "in.jsonl", _neutral_docs(12, score=4))], tmp_path / "out",
                      "endpoint", _endpoint(fake), concurrency=4)
     assert summary["kept"] == 12 and fake.max_active == 4
