@@ -545,8 +545,9 @@ def _main(argv: list[str]) -> int:
 
 # Subcommands whose compiled steps allocate temporaries large enough for huge pages to pay
 # (safejax/host_memory.py; measured in benchmarks/PEERS.md). The input pipeline alone ran a few
-# percent slower with them, so the data jobs keep the default pages.
-HUGE_PAGE_COMMANDS = (("train",), ("finetune",), ("bench", "train"))
+# percent slower with them, so the data jobs keep the default pages; the demo, mostly training,
+# takes them (its LM's steps: 0.553 against 0.607 s).
+HUGE_PAGE_COMMANDS = (("train",), ("finetune",), ("bench", "train"), ("demo",))
 
 
 def is_huge_page_command(argv: list[str]) -> bool:

@@ -7,6 +7,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --x
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import gin  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,3 +32,10 @@ def tiny_config():
 
     parse()
     return parse
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_gin_bindings():
+    """Each test file starts with no gin bindings: under pytest-xdist a worker runs files in no
+    fixed order, so what one file bound must not reach the next."""
+    gin.clear_config()

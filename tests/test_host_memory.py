@@ -33,12 +33,13 @@ def test_should_restart(change, expected):
     (["train", "--gin_file=configs/lm/tiny.gin"], True),
     (["-v", "train"], True),
     (["bench", "train", "--configs", "small"], True),
+    (["demo", "--quick"], True),
     (["bench", "sample"], False),
     (["data", "--gin_file=configs/data/safety.gin"], False),
     (["sample", "--checkpoint", "train"], False),
     ([], False),
 ])
-def test_only_the_training_commands_restart(argv, expected):
+def test_only_the_training_commands_and_the_demo_restart(argv, expected):
     assert cli.is_huge_page_command(argv) is expected
 
 

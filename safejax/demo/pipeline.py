@@ -50,7 +50,7 @@ class Demo:
                   self.train_classifier),
             Stage("corpus", "compose the demo corpus from the bundled files (classifier test splits held out)",
                   self.compose_corpus),
-            Stage("score", "score the demo corpus with the classifier (cascade on)", self.score),
+            Stage("score", "score the demo corpus with the classifier (bf16, its document rule)", self.score),
             Stage("split", "split the scored corpus into score folders", self.split),
             Stage("synth", f"rephrase scores 1-3, RefuseWeb for 4-5, Moral Education, with {synth_backend} "
                            "and the classifier's quality gate", self.synthesize),
