@@ -80,7 +80,7 @@ def test_scorer_runs_the_rest_of_the_encoder_only_on_windows_the_exit_keeps(mode
     pooled = through.pooled_ids(rows, 1)
     np.testing.assert_array_equal(cleared, cascade.exit_scores(pooled, record["head"]) < record["threshold"])
     assert 0 < cleared.sum() < len(rows) and through.windows_cleared == cleared.sum()
-    expected = full.full_probs_ids(rows)
+    expected = full.probs_ids(rows)
     np.testing.assert_allclose(probs[~cleared], expected[~cleared], atol=1e-6)
     np.testing.assert_allclose(probs[cleared], np.broadcast_to(record["cleared_probs"], probs[cleared].shape), atol=1e-6)
     # the document scorer passes the switch through; off gives the whole encoder's scores
@@ -90,3 +90,26 @@ def test_scorer_runs_the_rest_of_the_encoder_only_on_windows_the_exit_keeps(mode
         [d.expected_score for d in DocumentScorer(model_dir, batch_size=8, cascade=False).score(texts[:6])])
     update_export_record(model_dir, cascade=None)
     assert Scorer(model_dir, batch_size=8).cascade is None
+
+
+def test_short_documents_skip_the_first_stage_and_long_ones_go_through_it(model_dir):
+    np.testing.assert_array_equal(cascade.in_long_documents(np.array([0, 1, 1, 1, 2, 2]), 2),
+                                  [False, True, True, True, True, True])
+    texts = _texts(40)
+    labels = np.arange(40) % 6
+    cascade.fit_export(model_dir, cascade.CascadeConfig(exit_layer=1, max_miss=0.5, min_windows=3), texts, labels,
+                       texts, labels, _texts(5, seed=1), seed=0, batch_size=8)
+    on, off = DocumentScorer(model_dir, batch_size=8), DocumentScorer(model_dir, batch_size=8, cascade=False)
+    assert on.scorer.cascade["min_windows"] == 3
+    docs = _texts(8, seed=2) + [" ".join([t for t in _texts(6, seed=3 + i)]) for i in range(4)]
+    windows, owner = on.windows(docs)
+    sizes = np.bincount(owner)
+    assert (sizes[:8] < 3).any() and (sizes[8:] >= 3).all()
+    probs, cleared = on.window_probs(windows, owner)
+    long = sizes[owner] >= 3
+    assert not cleared[~long].any() and cleared[long].any()
+    np.testing.assert_allclose(probs[~long], off.window_probs(windows, owner)[0][~long], atol=1e-6)
+    short = [i for i in range(len(docs)) if sizes[i] < 3]
+    assert [d.score for d in on.score([docs[i] for i in short])] == [d.score for d in off.score([docs[i] for i in short])]
+    with pytest.raises(Exception, match="min_windows"):
+        cascade.CascadeConfig(min_windows=0)

@@ -143,7 +143,7 @@ def test_training_calibrates_the_export_and_reports_whole_documents(trained):
     assert "## Whole documents" in text and "## As an evaluation judge" in text and "Recall mode" in text
     assert "## Scoring cascade" in text
     report = json.load(open(os.path.join(trained, "eval.json")))
-    assert 0 <= report["cascade"]["test_cleared"] <= 1 and {"r_at_1", "f1"} <= set(report["cascade"]["full"])
+    assert 0 <= report["cascade"]["test_cleared"] <= 1 and {"r_at_1", "f1"} <= set(report["cascade"]["through"])
     for entry in report["documents"]["sources"].values():
         assert sum(entry["cascade"]["histogram_without"]) == entry["n"]
         assert entry["cascade"]["missed"] <= entry["cascade"]["harmful_windows"]

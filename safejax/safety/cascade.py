@@ -11,6 +11,13 @@ by the user, measured, and written into the export beside the threshold. A clear
 `cleared_probs`, the mean calibrated probabilities of the validation windows the exit clears, so
 the document rule reads it as the low-scoring window it is.
 
+Only documents of at least `min_windows` windows go through the first stage (safejax score's
+DocumentScorer). A short document's score rests on its one or two windows, so a cleared window
+there is a missed document, while a long one keeps its other windows and the document rule; and
+short documents hold few of a corpus's windows (2.9% of the bundled corpus's are in documents of
+under 3), so scoring them whole costs little (benchmarks/PEERS.md). The threshold is still chosen
+per window, on snippets and document windows alike: the miss it bounds is the exit's.
+
 A lexical first stage (bag of word pieces) was measured first and cleared too little at a 1%
 miss (benchmarks/PEERS.md); the encoder's own early layers see the same context the classifier
 does.
@@ -32,17 +39,19 @@ HARMFUL_LEVEL = 3  # what a cleared window must not be: the full classifier's P(
 @dataclasses.dataclass(frozen=True)
 class CascadeConfig:
     """`exit_layer`: encoder layers of the first stage (0: no cascade is fitted); `max_miss`: the
-    share of validation windows at score >= 3 the first stage may clear."""
+    share of validation windows at score >= 3 the first stage may clear; `min_windows`: the
+    fewest windows a document needs for its windows to go through the first stage."""
 
     exit_layer: int = 2
     max_miss: float = 0.01
+    min_windows: int = 3
     regularization: float = 1.0  # inverse L2 strength (sklearn's C) of the exit head
     train_examples: int = 6000  # a seeded sample of the training split fits the head (384 weights)
 
     def __post_init__(self):
-        if self.exit_layer < 0 or not 0.0 <= self.max_miss < 1.0:
-            raise errors.UserError(f"CascadeConfig: exit_layer must be >= 0 and max_miss in [0, 1), "
-                                   f"got {self.exit_layer}, {self.max_miss}")
+        if self.exit_layer < 0 or not 0.0 <= self.max_miss < 1.0 or self.min_windows < 1:
+            raise errors.UserError(f"CascadeConfig: exit_layer must be >= 0, max_miss in [0, 1) and min_windows "
+                                   f">= 1, got {self.exit_layer}, {self.max_miss}, {self.min_windows}")
 
 
 def fit_exit_head(features: np.ndarray, labels: np.ndarray, regularization: float, seed: int) -> dict:
@@ -57,6 +66,15 @@ def fit_exit_head(features: np.ndarray, labels: np.ndarray, regularization: floa
 def exit_scores(features: np.ndarray, head: dict) -> np.ndarray:
     """The exit head's logit of "score >= 1" for each row of pooled features."""
     return features @ np.asarray(head["weights"], np.float32) + np.float32(head["bias"])
+
+
+def in_long_documents(owner: np.ndarray, min_windows: int) -> np.ndarray:
+    """Which windows (each one's document index in `owner`) belong to documents of at least
+    `min_windows` windows: those the first stage may clear."""
+    owner = np.asarray(owner, np.int64)
+    if not len(owner):
+        return np.zeros(0, bool)
+    return np.bincount(owner)[owner] >= min_windows
 
 
 def harmful(probs: np.ndarray) -> np.ndarray:
@@ -101,6 +119,7 @@ def fit(cfg: CascadeConfig, train_features: np.ndarray, train_labels: np.ndarray
     cleared_probs = (validation_probs[cleared].mean(0) if cleared.any()
                      else np.eye(validation_probs.shape[1])[0])
     return {"exit_layer": cfg.exit_layer, "head": head, "threshold": threshold, "max_miss": cfg.max_miss,
+            "min_windows": cfg.min_windows,
             "cleared_probs": [float(p) for p in cleared_probs],
             "validation": summary(scores, validation_probs, threshold, validation_labels)}
 
@@ -131,7 +150,7 @@ def fit_export(model_dir: str, cfg: CascadeConfig, train_texts: list[str], train
     rows = encode(validation_texts) + doc_rows
     labels = np.concatenate([np.asarray(validation_labels), np.zeros(len(doc_rows), np.int64)])
     if validation_probs is None:
-        validation_probs = scorer.scorer.full_probs_ids(rows)
+        validation_probs = scorer.scorer.probs_ids(rows)
     elif len(validation_probs) != len(rows):
         raise ValueError(f"{len(validation_probs)} validation probabilities for {len(rows)} rows")
     record = fit(cfg, scorer.scorer.pooled_ids(train_rows, cfg.exit_layer), np.asarray(train_labels)[keep],

@@ -133,9 +133,9 @@ def evaluate(workdir: str, split: str = "test", batch_size: int = 32) -> dict:
     held_out, calibration = splits[split], splits["validation"]
     y_true = np.array([e.score for e in held_out], int)
     probs, preds = systems(held_out)
-    if scorer.cascade:
+    if scorer.cascade:  # a snippet is a one-window document, which scoring keeps out of the cascade
         rows = [e.ids for e in scorer.tokenizer.encode_batch([e.text for e in held_out])]
-        full_probs, test_cleared = scorer.full_probs_ids(rows), scorer.cascade_probs_ids(rows)[1]
+        through_probs, test_cleared = scorer.cascade_probs_ids(rows)
     cal_probs, cal_preds = systems(calibration)
     sources = np.array([e.source for e in held_out])
 
@@ -170,7 +170,8 @@ def evaluate(workdir: str, split: str = "test", batch_size: int = 32) -> dict:
                              "max_miss": scorer.cascade["max_miss"], "validation": scorer.cascade["validation"],
                              "test_cleared": float(test_cleared.mean()),
                              "test_labeled_harmful_cleared": int((test_cleared & (y_true >= cascade.HARMFUL_LEVEL)).sum()),
-                             "full": metrics(y_true, full_probs.argmax(-1))}
+                             "min_windows": scorer.cascade.get("min_windows", 1),
+                             "through": metrics(y_true, through_probs.argmax(-1))}
     doc_cfg = documents.DocumentDataConfig()
     report["documents"] = document_evaluation(os.path.join(workdir, "model"), doc_cfg, split, batch_size)
     report["judge"] = judge_evaluation(os.path.join(workdir, "model"), doc_cfg, split, batch_size)
@@ -239,16 +240,18 @@ def markdown(report: dict) -> str:
 
 def cascade_markdown(report: dict) -> str:
     """What the scoring cascade clears and misses, against the whole encoder on every window."""
-    c, full = report["cascade"], report["cascade"]["full"]
+    c, through, model = report["cascade"], report["cascade"]["through"], report["model"]
     v = c["validation"]
     lines = [f"## Scoring cascade (first {c['exit_layer']} encoder layers + exit head; threshold fitted on "
-             f"validation for at most {c['max_miss']:.1%} of windows at score >= 3 cleared)", "",
+             f"validation for at most {c['max_miss']:.1%} of windows at score >= 3 cleared; only documents "
+             f"of at least {c['min_windows']} windows go through it)", "",
              f"Validation: {v['cleared']:.1%} of {v['windows']} windows cleared, {v['missed']} of "
              f"{v['harmful_windows']} windows the whole encoder puts at >= 3 among them.", "",
-             f"Snippet test split: {c['test_cleared']:.1%} cleared ({c['test_labeled_harmful_cleared']} labeled >= 3); "
-             f"R@1 {_fmt(report['model']['r_at_1'])} with the cascade, {_fmt(full['r_at_1'])} without; "
-             f"P@1 {_fmt(report['model']['p_at_1'])} / {_fmt(full['p_at_1'])}; "
-             f"F1 {_fmt(report['model']['f1'])} / {_fmt(full['f1'])}.", ""]
+             f"Snippet test split, were every snippet to go through it (scoring keeps one-window documents "
+             f"out): {c['test_cleared']:.1%} cleared ({c['test_labeled_harmful_cleared']} labeled >= 3); "
+             f"R@1 {_fmt(through['r_at_1'])} through it, {_fmt(model['r_at_1'])} without; "
+             f"P@1 {_fmt(through['p_at_1'])} / {_fmt(model['p_at_1'])}; "
+             f"F1 {_fmt(through['f1'])} / {_fmt(model['f1'])}.", ""]
     docs = report.get("documents", {}).get("sources", {})
     if any("cascade" in e for e in docs.values()):
         lines += ["| source | windows | cleared | windows at >= 3 (whole encoder) | of them cleared | "
@@ -292,13 +295,10 @@ def document_evaluation(model_dir: str, doc_cfg, split: str = "test", batch_size
     scored = {}
     for name, docs in sets.items():
         ids, owner = scorer.windows([d.text for d in docs])
-        probs = np.zeros((0, rubric.NUM_SCORES), np.float32)
-        if ids and not scorer.scorer.cascade:
-            probs = scorer.scorer.probs_ids(ids)
+        probs, cleared = scorer.window_probs(ids, owner)
         entry = {"n": len(docs), "windows": len(ids)}
         if scorer.scorer.cascade and ids:  # what the cascade clears here, against the whole encoder
-            probs, cleared = scorer.scorer.cascade_probs_ids(ids)
-            full = scorer.scorer.full_probs_ids(ids)
+            full = scorer.scorer.probs_ids(ids)
             bad = cascade.harmful(full)
             hist = np.bincount([r.score for r in document_scores(full, owner, len(docs), scorer.rule)],
                                minlength=rubric.NUM_SCORES)

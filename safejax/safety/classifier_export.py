@@ -94,8 +94,8 @@ class Scorer:
         """`dtype` overrides the export's compute dtype (e.g. "bfloat16"); parameters stay float32.
         Probabilities are calibrated by the export's temperature and bias (safety/calibration.py)
         unless `calibrated` is False (the raw head, for fitting them). With `cascade` and an
-        export that carries one (safety/cascade.py), windows its first stage clears skip the
-        rest of the encoder."""
+        export that carries one (safety/cascade.py), `cascade_probs_ids` lets its first stage
+        clear windows (DocumentScorer decides which may go through it)."""
         import orbax.checkpoint as ocp
 
         self.cfg = read_export_config(directory)
@@ -154,33 +154,34 @@ class Scorer:
                 jax.block_until_ready(self._pooled(self.params, rows, rows, self.cascade["exit_layer"]))
 
     def probs(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), num_classes) float32 probabilities; texts longer than seq_len are truncated."""
+        """(len(texts), num_classes) float32 probabilities through the whole encoder; texts longer
+        than seq_len are truncated."""
         return self.probs_ids([e.ids for e in self.tokenizer.encode_batch(list(texts))])
 
     def probs_ids(self, rows: list[list[int]]) -> np.ndarray:
         """(len(rows), num_classes) float32 probabilities of token id rows (special tokens
-        included, at most seq_len each); through the cascade when the scorer has one."""
-        if not self.cascade or not len(rows):
-            return self.full_probs_ids(rows)
-        return self.cascade_probs_ids(rows)[0]
+        included, at most seq_len each), every row through the whole encoder."""
+        return self._batched(lambda tokens, mask: self._probs(self.params, tokens, mask), rows, self.cfg.num_classes)
 
-    def cascade_probs_ids(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities through the cascade, and which rows its first stage cleared."""
+    def cascade_probs_ids(self, rows: list[list[int]], eligible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities through the cascade, and which rows its first stage cleared. `eligible`
+        (a mask, default all): the rows that go through the first stage; the others go straight
+        to the whole encoder."""
         from safejax.safety import cascade
 
-        scores = cascade.exit_scores(self.pooled_ids(rows, self.cascade["exit_layer"]), self.cascade["head"])
-        cleared = scores < self.cascade["threshold"]
+        eligible = np.ones(len(rows), bool) if eligible is None else np.asarray(eligible, bool)
+        cleared = np.zeros(len(rows), bool)
+        first = np.flatnonzero(eligible)
+        if len(first):
+            pooled = self.pooled_ids([rows[i] for i in first], self.cascade["exit_layer"])
+            cleared[first] = cascade.exit_scores(pooled, self.cascade["head"]) < self.cascade["threshold"]
         out = np.broadcast_to(np.asarray(self.cascade["cleared_probs"], np.float32),
                               (len(rows), self.cfg.num_classes)).copy()
         rest = np.flatnonzero(~cleared)
         if len(rest):
-            out[rest] = self.full_probs_ids([rows[i] for i in rest])
+            out[rest] = self.probs_ids([rows[i] for i in rest])
         self.windows_cleared += int(cleared.sum())
         return out, cleared
-
-    def full_probs_ids(self, rows: list[list[int]]) -> np.ndarray:
-        """Probabilities of every row through the whole encoder (no cascade)."""
-        return self._batched(lambda tokens, mask: self._probs(self.params, tokens, mask), rows, self.cfg.num_classes)
 
     def pooled_ids(self, rows: list[list[int]], num_layers: int) -> np.ndarray:
         """(len(rows), d_model) mean-pooled outputs of the encoder's first `num_layers` layers."""

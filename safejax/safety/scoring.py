@@ -85,9 +85,19 @@ class DocumentScorer:
                 owner.append(i)
         return windows, np.asarray(owner, np.int64)
 
+    def window_probs(self, windows: list[list[int]], owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each window's probabilities, and which ones the cascade cleared: only windows of
+        documents of at least the cascade's `min_windows` windows go through its first stage."""
+        cascade = self.scorer.cascade
+        if not cascade or not windows:
+            return self.scorer.probs_ids(windows), np.zeros(len(windows), bool)
+        from safejax.safety.cascade import in_long_documents
+
+        return self.scorer.cascade_probs_ids(windows, in_long_documents(owner, cascade.get("min_windows", 1)))
+
     def score(self, texts: Sequence[str]) -> list[DocumentScore]:
         windows, owner = self.windows(texts)
-        return document_scores(self.scorer.probs_ids(windows), owner, len(texts), self.rule)
+        return document_scores(self.window_probs(windows, owner)[0], owner, len(texts), self.rule)
 
 
 def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
