@@ -172,7 +172,8 @@ def cmd_score(args, bindings) -> int:
     from safejax.safety import scoring
 
     parallel.initialize_distributed()
-    options = dict(batch_size=args.batch_size, overlap=args.overlap, dtype=args.dtype or scoring.SCORE_DTYPE,
+    batch_size = scoring.SCORE_BATCH_SIZE if args.batch_size is None else args.batch_size
+    options = dict(batch_size=batch_size, overlap=args.overlap, dtype=args.dtype or scoring.SCORE_DTYPE,
                    rule=args.rule, cascade=args.cascade == "on")
     if args.beam:
         from safejax.safety import scoring_beam
@@ -397,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--checkpoint", required=True, help="a classifier-train workdir or its model/ folder")
     score.add_argument("--input", nargs="+", required=True, help="JSONL(.gz) files or globs (id, text)")
     score.add_argument("--output", required=True, help="directory for scores-*.jsonl.gz (one per input file)")
-    score.add_argument("--batch_size", type=int, default=64, help="windows per classifier call")
+    score.add_argument("--batch_size", type=int, default=None,
+                       help="windows per classifier call (default: scoring.SCORE_BATCH_SIZE, 32)")
     score.add_argument("--overlap", type=int, help="tokens shared by consecutive windows (default 32, at "
                                                    "most a quarter of a window)")
     score.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -547,7 +549,7 @@ def _main(argv: list[str]) -> int:
 # (safejax/host_memory.py; measured in benchmarks/PEERS.md). The input pipeline alone ran a few
 # percent slower with them, so the data jobs keep the default pages; the demo, mostly training,
 # takes them (its LM's steps: 0.553 against 0.607 s).
-HUGE_PAGE_COMMANDS = (("train",), ("finetune",), ("bench", "train"), ("demo",))
+HUGE_PAGE_COMMANDS = (("train",), ("finetune",), ("bench", "train"), ("demo",), ("score",), ("bench", "score"))
 
 
 def is_huge_page_command(argv: list[str]) -> bool:

@@ -113,3 +113,19 @@ def test_short_documents_skip_the_first_stage_and_long_ones_go_through_it(model_
     assert [d.score for d in on.score([docs[i] for i in short])] == [d.score for d in off.score([docs[i] for i in short])]
     with pytest.raises(Exception, match="min_windows"):
         cascade.CascadeConfig(min_windows=0)
+
+
+def test_the_second_stage_resumes_from_hidden_states_padded_to_any_length():
+    """What the cascade relies on: layers [k, n) on the first k layers' hidden states, padded
+    with zeros to a longer batch, give the logits of the whole classifier on the unpadded row."""
+    import jax.numpy as jnp
+
+    cfg = ClassifierConfig(encoder=EncoderConfig(d_model=32, num_layers=3, num_heads=2, mlp_dim=64), seq_len=32,
+                           pretrained=False)
+    model = SafetyClassifier(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(5, 1000, (2, 12)), jnp.int32)
+    mask = jnp.ones_like(tokens)
+    hidden = model.encoder(tokens, mask, 1)
+    padded = jnp.zeros((2, 32, 32)).at[:, :12].set(hidden)
+    padded_mask = jnp.zeros((2, 32), jnp.int32).at[:, :12].set(1)
+    np.testing.assert_allclose(model.resume(padded, padded_mask, 1), model(tokens, mask), atol=1e-5)

@@ -35,11 +35,13 @@ def test_should_restart(change, expected):
     (["bench", "train", "--configs", "small"], True),
     (["demo", "--quick"], True),
     (["bench", "sample"], False),
+    (["score", "--checkpoint", "C"], True),
+    (["bench", "score"], True),
     (["data", "--gin_file=configs/data/safety.gin"], False),
     (["sample", "--checkpoint", "train"], False),
     ([], False),
 ])
-def test_only_the_training_commands_and_the_demo_restart(argv, expected):
+def test_only_the_training_scoring_and_demo_commands_restart(argv, expected):
     assert cli.is_huge_page_command(argv) is expected
 
 

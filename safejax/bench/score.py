@@ -91,7 +91,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="safejax bench score", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="a classifier export (a training run's model/ folder)")
     parser.add_argument("--docs", type=int, help="score this many documents (default: all)")
-    parser.add_argument("--batch", type=int, default=32, help="windows per classifier call")
+    parser.add_argument("--batch", type=int, default=scoring.SCORE_BATCH_SIZE,
+                        help="windows per classifier call (default: safejax score's)")
     parser.add_argument("--overlap", type=int, help="tokens shared by consecutive windows (default: score's)")
     parser.add_argument("--warmup", type=int, default=16, help="documents scored before timing")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=scoring.SCORE_DTYPE,

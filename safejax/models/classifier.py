@@ -51,7 +51,14 @@ class SafetyClassifier(nnx.Module):
 
     def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         """(batch, length) token ids and mask -> (batch, num_classes) float32 logits."""
-        pooled = self.encoder.pool(tokens, mask)
+        return self.head(self.encoder.pool(tokens, mask))
+
+    def resume(self, hidden: jax.Array, mask: jax.Array, start: int) -> jax.Array:
+        """The logits from hidden states after the encoder's first `start` layers (the scoring
+        cascade's second stage)."""
+        return self.head(enc.mean_pool(self.encoder.resume(hidden, mask, start), mask))
+
+    def head(self, pooled: jax.Array) -> jax.Array:
         logits = pooled @ self.head_w[...] + self.head_b[...]
         return constrain(logits, ("batch", "classes"))
 

@@ -154,18 +154,27 @@ class Encoder(nnx.Module):
         x = (jnp.take(self.word[...], tokens, axis=0) + self.position[:length][None]
              + self.token_type[0][None, None])
         x = layer_norm(x, self.ln_scale, self.ln_bias, self.cfg.layer_norm_eps)
-        x = constrain(x, ("batch", "length", "embed"))
+        return self.resume(x, mask, 0, num_layers)
+
+    def resume(self, hidden: jax.Array, mask: jax.Array, start: int, stop: int | None = None) -> jax.Array:
+        """Layers [start, stop) on (batch, length, embed) hidden states: the scoring cascade
+        continues the windows its first stage keeps from where that stage stopped. Padding
+        positions (mask 0) never reach a real token, so a row may be padded to any length."""
+        x = constrain(hidden, ("batch", "length", "embed"))
         # Additive mask over keys, built once: -1e30 (not -inf) keeps fully padded rows finite.
         bias = jnp.where(mask[:, None, None, :] > 0, 0.0, -1e30).astype(jnp.float32)
-        for layer in list(self.layers)[:num_layers]:
+        for layer in list(self.layers)[start:stop]:
             x = layer(x, bias)
         return x
 
     def pool(self, tokens: jax.Array, mask: jax.Array, num_layers: int | None = None) -> jax.Array:
         """Mean of the non-padding token embeddings (sentence-transformers' mean pooling), fp32."""
-        hidden = self(tokens, mask, num_layers)
-        m = mask.astype(jnp.float32)[..., None]
-        return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
+        return mean_pool(self(tokens, mask, num_layers), mask)
+
+
+def mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    m = mask.astype(jnp.float32)[..., None]
+    return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
 
 
 # ---- pretrained files ----

@@ -3,8 +3,10 @@ clearly safe, and only the others run the whole classifier.
 
 Most of a web corpus is clean prose, and the whole 6-layer encoder on every 254-token window is
 what makes scoring slow on a CPU. The first `exit_layer` layers cost `exit_layer / num_layers`
-of a window; a logistic regression on their mean-pooled output, fitted after training on the
-training split (label >= 1 against 0), gives each window an exit score. A window is cleared when
+of a window, and a window the exit keeps resumes from their hidden states
+(Scorer.cascade_probs_ids), so every window cleared is time saved. A logistic regression on
+their mean-pooled output, fitted after training on the training split (label >= 1 against 0),
+gives each window an exit score. A window is cleared when
 its exit score is below a threshold chosen on the validation split so that at most `max_miss` of
 the validation windows the whole classifier puts at score >= 3 would be cleared: the miss is set
 by the user, measured, and written into the export beside the threshold. A cleared window gets

@@ -128,6 +128,11 @@ class Scorer:
                               out_shardings=self._batch)
         self._pooled = jax.jit(self._pool, static_argnums=3, in_shardings=(replicated, self._batch, self._batch),
                                out_shardings=self._batch)
+        self._first = jax.jit(self._first_stage, static_argnums=3,
+                              in_shardings=(replicated, self._batch, self._batch),
+                              out_shardings=(self._batch, self._batch))
+        self._rest = jax.jit(self._second_stage, static_argnums=3,
+                             in_shardings=(replicated, self._batch, self._batch), out_shardings=self._batch)
         self.cascade = self.record.get("cascade") if cascade and calibrated else None
         self.windows_cleared = 0  # by the cascade, since construction (benchmarks read it)
 
@@ -137,6 +142,16 @@ class Scorer:
 
     def _pool(self, params, tokens, mask, num_layers):
         return nnx.merge(self.graphdef, params).encoder.pool(tokens, mask, num_layers)
+
+    def _first_stage(self, params, tokens, mask, num_layers):
+        """The cascade's first stage: pooled features for the exit head, and the hidden states
+        the second stage resumes from."""
+        hidden = nnx.merge(self.graphdef, params).encoder(tokens, mask, num_layers)
+        return enc.mean_pool(hidden, mask), hidden
+
+    def _second_stage(self, params, hidden, mask, start):
+        model = nnx.merge(self.graphdef, params)
+        return jax.nn.softmax(model.resume(hidden, mask, start) / self.temperature + self.bias, axis=-1)
 
     def buckets(self) -> list[int]:
         """Padded lengths: powers of two from 16, and seq_len (one compilation each)."""
@@ -151,7 +166,9 @@ class Scorer:
             rows = np.ones((self.batch_size, width), np.int32)
             jax.block_until_ready(self._probs(self.params, rows, rows))
             if self.cascade:
-                jax.block_until_ready(self._pooled(self.params, rows, rows, self.cascade["exit_layer"]))
+                layer = self.cascade["exit_layer"]
+                _, hidden = jax.block_until_ready(self._first(self.params, rows, rows, layer))
+                jax.block_until_ready(self._rest(self.params, hidden, rows, layer))
 
     def probs(self, texts: list[str]) -> np.ndarray:
         """(len(texts), num_classes) float32 probabilities through the whole encoder; texts longer
@@ -166,20 +183,49 @@ class Scorer:
     def cascade_probs_ids(self, rows: list[list[int]], eligible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Probabilities through the cascade, and which rows its first stage cleared. `eligible`
         (a mask, default all): the rows that go through the first stage; the others go straight
-        to the whole encoder."""
+        to the whole encoder.
+
+        A row the exit keeps resumes from the first stage's hidden states, so it costs one pass
+        of the encoder, not one and the first stage again. Kept rows are gathered into full
+        batches for the second stage (padded to the longest among them: padding never reaches
+        a real token), dispatched while the first stage goes on.
+        """
         from safejax.safety import cascade
 
+        layer, head, threshold = self.cascade["exit_layer"], self.cascade["head"], self.cascade["threshold"]
         eligible = np.ones(len(rows), bool) if eligible is None else np.asarray(eligible, bool)
+        out = np.zeros((len(rows), self.cfg.num_classes), np.float32)
         cleared = np.zeros(len(rows), bool)
+        direct = np.flatnonzero(~eligible)
+        if len(direct):
+            out[direct] = self.probs_ids([rows[i] for i in direct])
         first = np.flatnonzero(eligible)
-        if len(first):
-            pooled = self.pooled_ids([rows[i] for i in first], self.cascade["exit_layer"])
-            cleared[first] = cascade.exit_scores(pooled, self.cascade["head"]) < self.cascade["threshold"]
-        out = np.broadcast_to(np.asarray(self.cascade["cleared_probs"], np.float32),
-                              (len(rows), self.cfg.num_classes)).copy()
-        rest = np.flatnonzero(~cleared)
-        if len(rest):
-            out[rest] = self.probs_ids([rows[i] for i in rest])
+        kept, second = [], collections.deque()  # (row, hidden states) waiting; dispatched batches
+
+        def dispatch(take):
+            batch, kept[:] = kept[:take], kept[take:]
+            width = next(b for b in self.buckets() if b >= max(len(h) for _, h in batch))
+            hidden = np.zeros((self.batch_size, width, self.cfg.encoder.d_model), np.float32)
+            mask = np.zeros((self.batch_size, width), np.int32)
+            mask[len(batch):, 0] = 1  # filler rows: one position, never all padding
+            for i, (_, h) in enumerate(batch):
+                hidden[i, :len(h)], mask[i, :len(h)] = h, 1
+            second.append((np.array([r for r, _ in batch]), self._rest(self.params, hidden, mask, layer)))
+
+        stage = lambda tokens, mask: self._first(self.params, tokens, mask, layer)
+        for idx, (pooled, hidden) in self._pipelined(stage, [rows[i] for i in first]):
+            rows_here = first[idx]
+            clear = cascade.exit_scores(np.asarray(pooled)[:len(idx)], head) < threshold
+            cleared[rows_here[clear]] = True
+            hidden = np.asarray(hidden)
+            kept += [(rows_here[i], hidden[i, :len(rows[rows_here[i]])]) for i in np.flatnonzero(~clear)]
+            while len(kept) >= self.batch_size:
+                dispatch(self.batch_size)
+        if kept:
+            dispatch(len(kept))
+        for idx, result in second:
+            out[idx] = np.asarray(result)[:len(idx)]
+        out[cleared] = np.asarray(self.cascade["cleared_probs"], np.float32)
         self.windows_cleared += int(cleared.sum())
         return out, cleared
 
@@ -189,11 +235,18 @@ class Scorer:
                              self.cfg.encoder.d_model)
 
     def _batched(self, fn, rows: list[list[int]], width_out: int) -> np.ndarray:
-        """`fn(tokens, mask)` over padded batches of the rows, results in the rows' order.
+        """`fn(tokens, mask)` over padded batches of the rows, results in the rows' order."""
+        out = np.zeros((len(rows), width_out), np.float32)
+        for idx, result in self._pipelined(fn, rows):
+            out[idx] = np.asarray(result)[:len(idx)]
+        return out
+
+    def _pipelined(self, fn, rows: list[list[int]]):
+        """Yields (row indices, `fn(tokens, mask)`) for padded batches of the rows.
 
         Rows are sorted by length and each batch padded only to the smallest bucket that holds
         it, so short rows cost a fraction of a full-length forward pass. Up to IN_FLIGHT batches
-        are dispatched before the oldest result is read, so the host prepares the next batches
+        are dispatched before the oldest result is yielded, so the host prepares the next batches
         while the devices compute.
         """
         lengths = np.fromiter(map(len, rows), np.int64, len(rows))
@@ -201,7 +254,6 @@ class Scorer:
             raise ValueError(f"a row of {lengths.max()} tokens is longer than seq_len={self.cfg.seq_len}")
         order = np.argsort(lengths, kind="stable")
         buckets = self.buckets()
-        out = np.zeros((len(rows), width_out), np.float32)
         pending = collections.deque()
         for start in range(0, len(rows), self.batch_size):
             idx = order[start:start + self.batch_size]
@@ -212,8 +264,5 @@ class Scorer:
             tokens[len(idx):, 0] = tokens[0, 0]  # filler rows: one real token, never all padding
             pending.append((idx, fn(tokens, (tokens != 0).astype(np.int32))))
             if len(pending) > self.IN_FLIGHT:
-                idx, result = pending.popleft()
-                out[idx] = np.asarray(result)[:len(idx)]
-        for idx, result in pending:
-            out[idx] = np.asarray(result)[:len(idx)]
-        return out
+                yield pending.popleft()
+        yield from pending

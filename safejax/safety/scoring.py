@@ -36,6 +36,10 @@ DEFAULT_OVERLAP = 32  # tokens shared by consecutive windows (at most a quarter 
 # (fitted on the probabilities and features scoring will see), classifier-eval's documents and
 # synthesis's quality gate. The snippet metrics and the evaluation judge measure the export's float32.
 SCORE_DTYPE = "bfloat16"
+# Windows per classifier call. At 254-token windows 32 is the fastest on the 2-core EPYC of
+# benchmarks/PEERS.md (64 took 1.8x as long: the attention scores of 64 windows, 200 MB a layer,
+# no longer fit its caches; 8 and 16 were 1.1-1.2x slower).
+SCORE_BATCH_SIZE = 32
 DOCS_PER_CALL = 256  # documents windowed and scored together (their windows sorted by length)
 
 
@@ -46,7 +50,7 @@ class DocumentScorer:
     of those ids between the encoder's special tokens, so no window is tokenized again.
     """
 
-    def __init__(self, checkpoint: str, *, batch_size: int = 64, overlap: int | None = None, dtype: str | None = None,
+    def __init__(self, checkpoint: str, *, batch_size: int = SCORE_BATCH_SIZE, overlap: int | None = None, dtype: str | None = None,
                  rule: str | None = None, calibrated: bool = True, cascade: bool = True):
         """`rule`: "calibrated" or "max" (None: the export's, "max" for an export without one);
         `cascade`: the export's scoring cascade (safety/cascade.py) where it has one."""
@@ -161,7 +165,7 @@ def check_manifest(output_dir: str, checkpoint: str, files: list[str], rule: str
     sources.claim_output_dir(output_dir, manifest, "scores")
 
 
-def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, batch_size: int = 64,
+def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, *, batch_size: int = SCORE_BATCH_SIZE,
                  overlap: int | None = None, progress_bar: bool = True, dtype: str | None = SCORE_DTYPE,
                  rule: str | None = None, cascade: bool = True) -> dict:
     """Scores every input file this process owns; returns a summary. `dtype` None or "float32"

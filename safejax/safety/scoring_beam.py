@@ -36,7 +36,7 @@ class ScoreShards(beam.DoFn):
 
 
 def score_corpus(checkpoint: str, inputs: Sequence[str], output_dir: str, beam_args: Sequence[str],
-                 *, batch_size: int = 64, overlap: int | None = None, dtype: str | None = scoring.SCORE_DTYPE,
+                 *, batch_size: int = scoring.SCORE_BATCH_SIZE, overlap: int | None = None, dtype: str | None = scoring.SCORE_DTYPE,
                  rule: str | None = None, cascade: bool = True) -> dict:
     """Runs the pipeline (DirectRunner unless `beam_args` name another); returns a summary."""
     files = sources.expand_files(inputs)
