@@ -126,8 +126,6 @@ class Scorer:
         self._batch = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names))
         self._probs = jax.jit(self._forward, in_shardings=(replicated, self._batch, self._batch),
                               out_shardings=self._batch)
-        self._pooled = jax.jit(self._pool, static_argnums=3, in_shardings=(replicated, self._batch, self._batch),
-                               out_shardings=self._batch)
         self._first = jax.jit(self._first_stage, static_argnums=3,
                               in_shardings=(replicated, self._batch, self._batch),
                               out_shardings=(self._batch, self._batch))
@@ -140,12 +138,9 @@ class Scorer:
         model = nnx.merge(self.graphdef, params)
         return jax.nn.softmax(model(tokens, mask) / self.temperature + self.bias, axis=-1)
 
-    def _pool(self, params, tokens, mask, num_layers):
-        return nnx.merge(self.graphdef, params).encoder.pool(tokens, mask, num_layers)
-
     def _first_stage(self, params, tokens, mask, num_layers):
-        """The cascade's first stage: pooled features for the exit head, and the hidden states
-        the second stage resumes from."""
+        """The encoder's first layers: pooled features (for the exit head and its fit), and the
+        hidden states the cascade's second stage resumes from."""
         hidden = nnx.merge(self.graphdef, params).encoder(tokens, mask, num_layers)
         return enc.mean_pool(hidden, mask), hidden
 
@@ -231,7 +226,7 @@ class Scorer:
 
     def pooled_ids(self, rows: list[list[int]], num_layers: int) -> np.ndarray:
         """(len(rows), d_model) mean-pooled outputs of the encoder's first `num_layers` layers."""
-        return self._batched(lambda tokens, mask: self._pooled(self.params, tokens, mask, num_layers), rows,
+        return self._batched(lambda tokens, mask: self._first(self.params, tokens, mask, num_layers)[0], rows,
                              self.cfg.encoder.d_model)
 
     def _batched(self, fn, rows: list[list[int]], width_out: int) -> np.ndarray:
