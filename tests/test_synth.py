@@ -114,6 +114,12 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             status, payload, headers, delay = fake.answer(body, self.headers.get("Authorization"))
             time.sleep(delay)
+        finally:
+            # before the answer goes out: a client may send its next request the moment it
+            # has this one, before this thread would otherwise get to count it finished
+            with fake.lock:
+                fake.active -= 1
+        try:
             data = json.dumps(payload).encode()
             self.send_response(status)
             for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
@@ -122,9 +128,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        finally:
-            with fake.lock:
-                fake.active -= 1
 
 
 @pytest.fixture
