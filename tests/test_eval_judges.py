@@ -5,7 +5,6 @@ cache, and judge agreement against a direct computation."""
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from pretrained_files import minilm_dir  # noqa: F401 (fixture)
@@ -13,6 +12,7 @@ from sklearn.metrics import cohen_kappa_score, precision_score, recall_score
 from test_scoring import small_classifier
 
 from safejax import cli, config, errors
+from safejax.bench.local_chat import LocalChatServer, completion
 from safejax.evals import agreement, judges
 from safejax.safety.scoring import DocumentScorer
 
@@ -98,43 +98,22 @@ class JudgeServer:
     first, BUSY a 429 with Retry-After first; DOWN always a 500; a text without a marker: no."""
 
     def __init__(self):
-        self.seen, self.auth, self.lock = {}, set(), threading.Lock()
-        outer = self
+        self.seen, self.lock = {}, threading.Lock()
+        self.chat = LocalChatServer(self.answer)
+        self.url, self.auth = self.chat.url, self.chat.auth
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = body["messages"][-1]["content"]
-                with outer.lock:
-                    outer.auth.add(self.headers.get("Authorization"))
-                    marker = next((m for m in ("YES", "NO", "BAD", "FLAKY", "BUSY", "DOWN") if f"<{m}>" in text), "NO")
-                    outer.seen[marker] = outer.seen.get(marker, 0) + 1
-                    count = outer.seen[marker]
-                if marker == "DOWN" or (marker == "FLAKY" and count == 1):
-                    return self._send(500, {"error": "boom"})
-                if marker == "BUSY" and count == 1:
-                    return self._send(429, {"error": "slow down"}, {"Retry-After": "0"})
-                answer = {"YES": "Yes.", "NO": "no", "BAD": "Probably yes, it depends", "FLAKY": "yes",
-                          "BUSY": "NO"}[marker]
-                self._send(200, {"choices": [{"message": {"role": "assistant", "content": answer},
-                                              "finish_reason": "stop"}]})
-
-            def _send(self, status, body, headers=None):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+    def answer(self, body: dict, auth: str | None):
+        text = body["messages"][-1]["content"]
+        with self.lock:
+            marker = next((m for m in ("YES", "NO", "BAD", "FLAKY", "BUSY", "DOWN") if f"<{m}>" in text), "NO")
+            self.seen[marker] = self.seen.get(marker, 0) + 1
+            count = self.seen[marker]
+        if marker == "DOWN" or (marker == "FLAKY" and count == 1):
+            return 500, {"error": "boom"}, {}, 0
+        if marker == "BUSY" and count == 1:
+            return 429, {"error": "slow down"}, {"Retry-After": "0"}, 0
+        answer = {"YES": "Yes.", "NO": "no", "BAD": "Probably yes, it depends", "FLAKY": "yes", "BUSY": "NO"}[marker]
+        return 200, completion(answer), {}, 0
 
 
 @pytest.fixture
@@ -144,7 +123,7 @@ def judge_server(monkeypatch):
     config.parse([], ["ChatEndpoint.max_retries = 2", "ChatEndpoint.backoff_base_s = 0.01"])
     server = JudgeServer()
     yield server
-    server.httpd.shutdown()
+    server.chat.close()
 
 
 def test_llm_judge_parses_strictly_and_survives_faults(judge_server, tmp_path):

@@ -218,7 +218,7 @@ def test_end_to_end_every_suite_two_decodings_and_a_comparison(workdir, classifi
                               "--prompts", "advbench", "--prompts", str(mine), "--text_column", "ask",
                               "--label", "seeded", "--gin.EvalConfig.template_mode='seeded'")) == 0
     finally:
-        server.httpd.shutdown()
+        server.chat.close()
     capsys.readouterr()
     cells = {(c["set"], c["decoding"], c["judge"]): c for c in json.loads((second / "results.json").read_text())["cells"]}
     assert set(cells[("mine", "greedy", "llm")]["per_prompt"]) <= {"r1", "b1"}

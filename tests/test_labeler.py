@@ -22,12 +22,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from conftest import REPO
 from safejax import cli, errors
+from safejax.bench.local_chat import LocalChatServer, completion
 from safejax.safety import labeler
 from safejax.safety.openai_client import ChatClient, ChatEndpoint, RequestFailed, parse_retry_after
 
@@ -44,28 +44,23 @@ class FakeLLM:
         self.lock = threading.Lock()
         self.attempts = collections.Counter()  # text -> first-turn requests (retries included)
         self.repairs = collections.Counter()  # text -> repair requests
-        self.auth = set()  # Authorization headers seen
         self.settings = set()  # (model, temperature, max_tokens, response_format) of each request
-        self.active = self.max_active = 0
         self.delay_s, self.down, self.required_key = delay_s, True, None
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.server.daemon_threads = True
-        self.server.fake = self
-        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.chat = LocalChatServer(self.answer)
+        self.url = self.chat.url
 
     @property
     def requests(self) -> int:
         return sum(self.attempts.values()) + sum(self.repairs.values())
 
     def answer(self, body: dict, auth: str | None) -> tuple[int, dict, dict, float]:
-        if self.required_key and auth != f"Bearer {self.required_key}":
-            return 401, {"error": {"message": f"Incorrect API key provided: {auth}"}}, {}, 0
         messages = body["messages"]
         text, repair = messages[1]["content"], len(messages) > 2
+        with self.lock:
+            self.settings.add((body["model"], body["temperature"], body["max_tokens"],
+                               json.dumps(body.get("response_format"))))
+        if self.required_key and auth != f"Bearer {self.required_key}":
+            return 401, {"error": {"message": f"Incorrect API key provided: {auth}"}}, {}, 0
         with self.lock:
             counter = self.repairs if repair else self.attempts
             counter[text] += 1
@@ -84,46 +79,14 @@ class FakeLLM:
             content = f"I would rate this a {score}."
         elif "[fence]" in text:
             content = f"```json\n{content}\n```"
-        return 200, {"object": "chat.completion", "model": body["model"], "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}, {}, delay
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        fake = self.server.fake
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with fake.lock:
-            fake.auth.add(self.headers.get("Authorization"))
-            fake.settings.add((body["model"], body["temperature"], body["max_tokens"],
-                               json.dumps(body.get("response_format"))))
-            fake.active += 1
-            fake.max_active = max(fake.max_active, fake.active)
-        try:
-            status, payload, headers, delay = fake.answer(body, self.headers.get("Authorization"))
-            time.sleep(delay)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)),
-                                **headers}.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up waiting ([slow])
-        finally:
-            with fake.lock:
-                fake.active -= 1
+        return 200, completion(content, model=body["model"]), {}, delay
 
 
 @pytest.fixture
 def fake():
     server = FakeLLM()
     yield server
-    server.server.shutdown()
-    server.server.server_close()
+    server.chat.close()
 
 
 @pytest.fixture(autouse=True)
@@ -267,7 +230,7 @@ def test_concurrency_is_bounded(fake, tmp_path):
     fake.delay_s = 0.2
     summary, _ = _label(fake, tmp_path, [(str(i), f"text {i}") for i in range(12)], concurrency=3)
     assert summary["labeled"] == 12
-    assert fake.max_active == 3
+    assert fake.chat.max_active == 3
 
 
 def test_rerun_sends_nothing_already_labeled(fake, tmp_path):
@@ -358,7 +321,7 @@ def test_cli_labels_quarantines_bad_lines_and_keeps_the_key_secret(fake, tmp_pat
     assert all(q["file"] == str(path) for q in _read(out / "quarantine.jsonl"))
     assert json.load(open(out / "summary.json")) == summary
 
-    assert fake.auth == {f"Bearer {KEY}"}
+    assert fake.chat.auth == {f"Bearer {KEY}"}
     assert "429" in caplog.text  # the retry was logged, without the key
     outputs = caplog.text + "".join(open(os.path.join(d, f), errors="replace").read()
                                     for d, _, names in os.walk(out) for f in names)

@@ -106,8 +106,7 @@ def test_label_never_sends_a_lone_surrogate_and_keeps_its_labels(tmp_path, monke
         [entry] = [json.loads(line) for line in open(out / "quarantine.jsonl")]
         assert (entry["reason"], entry["line"]) == ("lone_surrogate", 2)
     finally:
-        fake.server.shutdown()
-        fake.server.server_close()
+        fake.chat.close()
 
 
 # ---- 15. no native start-up logs on a CPU host --------------------------------------------

@@ -22,13 +22,13 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import safety_fixtures as fx
 from conftest import REPO
 from safejax import cli, config, errors
+from safejax.bench.local_chat import LocalChatServer, completion
 from safejax.data import sources
 from safejax.safety.openai_client import ChatEndpoint, Reply
 from safejax.synth import gate, jobs, pieces, replies, run
@@ -58,17 +58,9 @@ class ScriptedLLM:
         self.lock = threading.Lock()
         self.attempts = collections.Counter()  # user message -> first-turn requests
         self.repairs = collections.Counter()
-        self.auth = set()
-        self.active = self.max_active = 0
         self.delay_s, self.required_key = delay_s, None
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.server.daemon_threads = True
-        self.server.fake = self
-        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.chat = LocalChatServer(self.answer)
+        self.url = self.chat.url
 
     @property
     def requests(self) -> int:
@@ -95,47 +87,15 @@ class ScriptedLLM:
         elif "[truncated]" in user and not repair:
             finish = "length"
         delay = 2 * TIMEOUT_S if "[slow]" in user and n == 1 else self.delay_s
-        return 200, {"object": "chat.completion", "model": body["model"], "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5}}, {}, delay
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_POST(self):
-        fake = self.server.fake
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with fake.lock:
-            fake.auth.add(self.headers.get("Authorization"))
-            fake.active += 1
-            fake.max_active = max(fake.max_active, fake.active)
-        try:
-            status, payload, headers, delay = fake.answer(body, self.headers.get("Authorization"))
-            time.sleep(delay)
-        finally:
-            # before the answer goes out: a client may send its next request the moment it
-            # has this one, before this thread would otherwise get to count it finished
-            with fake.lock:
-                fake.active -= 1
-        try:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            for name, value in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        usage = {"prompt_tokens": 10, "completion_tokens": 5}
+        return 200, completion(content, finish, model=body["model"], usage=usage), {}, delay
 
 
 @pytest.fixture
 def fake():
     server = ScriptedLLM()
     yield server
-    server.server.shutdown()
-    server.server.server_close()
+    server.chat.close()
 
 
 @pytest.fixture(autouse=True)
@@ -362,7 +322,7 @@ def test_concurrency_is_requests_in_flight(fake, tmp_path):
     fake.delay_s = 0.5  # long enough that all 4 overlap on a busy 2-core machine (xdist's other worker)
     summary = _synth("refuseweb", [_docs(tmp_path / "in.jsonl", _neutral_docs(12, score=4))], tmp_path / "out",
                      "endpoint", _endpoint(fake), concurrency=4)
-    assert summary["kept"] == 12 and fake.max_active == 4
+    assert summary["kept"] == 12 and fake.chat.max_active == 4
 
 
 def test_rerun_sends_only_what_is_missing_and_refuses_another_model(fake, tmp_path):
@@ -447,7 +407,7 @@ def test_cli_quarantines_bad_lines_and_keeps_the_key_secret(fake, tmp_path, monk
     quarantined = sorted((q["line"], q["reason"]) for q in _read(out / "quarantine.jsonl"))
     assert quarantined == [(2, "bad_json"), (3, "no_score")]
     assert json.load(open(out / "summary.json")) == summary
-    assert fake.auth == {f"Bearer {KEY}"} and "429" in caplog.text
+    assert fake.chat.auth == {f"Bearer {KEY}"} and "429" in caplog.text
     written = caplog.text + "".join(open(os.path.join(d, f), errors="replace").read()
                                     for d, _, names in os.walk(out) for f in names)
     assert KEY not in written
@@ -505,7 +465,7 @@ def test_the_client_is_not_the_bottleneck(tmp_path):
     from safejax.bench import synth as bench
 
     config.parse(["synth/default.gin"], [])
-    server = bench.FixedDelayServer(0.2)
+    server = bench.fixed_delay_server(0.2)
     try:
         c1 = bench.endpoint_rate(server.url, 1, 4, str(tmp_path))
         c32 = bench.endpoint_rate(server.url, 32, 128, str(tmp_path))

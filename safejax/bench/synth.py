@@ -19,48 +19,19 @@ import argparse
 import json
 import os
 import tempfile
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from safejax import config
+from safejax.bench.local_chat import LocalChatServer, completion
 from safejax.data import sources
 from safejax.safety.openai_client import ChatEndpoint
 from safejax.synth import run as synth
 
 
-class FixedDelayServer:
+def fixed_delay_server(delay_s: float) -> LocalChatServer:
     """Chat completions on 127.0.0.1 that each take `delay_s`, answered by many threads at once."""
-
-    def __init__(self, delay_s: float):
-        reply = json.dumps({"object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop", "message": {
-            "role": "assistant", "content": "A careful, safe retelling of the document."}}],
-            "usage": {"prompt_tokens": 100, "completion_tokens": 10}}).encode()
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers["Content-Length"]))
-                time.sleep(delay_s)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 128  # the listen backlog: read in the constructor, so set on the class
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    reply = completion("A careful, safe retelling of the document.",
+                       usage={"prompt_tokens": 100, "completion_tokens": 10})
+    return LocalChatServer(lambda body, auth: (200, reply, {}, delay_s))
 
 
 def _write_inputs(path: str, texts: list[str]) -> str:
@@ -108,7 +79,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", help="classifier export for the gated template run")
     args = parser.parse_args(argv)
     config.parse(["synth/default.gin"], [])
-    server = FixedDelayServer(args.delay_ms / 1000)
+    server = fixed_delay_server(args.delay_ms / 1000)
     texts = [r["text"] for r in sources.iter_records(sources.bundled_corpus_files())][:args.docs]
     with tempfile.TemporaryDirectory() as tmp:
         try:
