@@ -13,8 +13,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # (HTTP status, JSON body, extra headers, seconds to wait before answering)
-Reply = tuple[int, dict, dict, float]
-Answer = Callable[[dict, "str | None"], Reply]
+Response = tuple[int, dict, dict, float]
+Answer = Callable[[dict, "str | None"], Response]
 
 
 def completion(content: str, finish_reason: str = "stop", **fields) -> dict:
@@ -46,13 +46,7 @@ class LocalChatServer:
         self.server.shutdown()
         self.server.server_close()
 
-    def __enter__(self) -> LocalChatServer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _reply(self, body: dict, auth: str | None) -> Reply:
+    def _reply(self, body: dict, auth: str | None) -> Response:
         with self.lock:
             self.auth.add(auth)
             self.active += 1
