@@ -37,7 +37,7 @@ SMALL = [
     f"DocumentDataConfig.corpus_files = ['{PROSE}']", "DocumentDataConfig.clean_sources = ['documents_prose']",
     "DocumentDataConfig.eval_sources = ['documents_prose']", "DocumentDataConfig.clean_windows_per_source = 16",
     "DocumentDataConfig.spliced_examples = 16", "DocumentDataConfig.thread_examples = 8",
-    "DocumentDataConfig.xstest_train_copies = 0",  # XSTest is evaluated (and calibrated on), not trained on
+    "DocumentDataConfig.request_train_copies = 0",  # the request sets are evaluated (and calibrated on), not trained on
     "CascadeConfig.exit_layer = 1", "CascadeConfig.max_miss = 0.05",  # the encoder above has 2 layers
     "TrainConfig.checkpoint_every = 2", "TrainConfig.progress_bar = False",
     "TrainConfig.async_checkpoints = False",

@@ -37,16 +37,30 @@ def test_documents_split_by_id_into_disjoint_stable_parts():
     assert all(d.score == 4 for d in xstest["xstest_unsafe"]["train"])
 
 
-def test_xstest_trains_on_its_training_prompts_only():
-    cfg = documents.DocumentDataConfig()
-    by_split = {s: documents.xstest_examples(cfg, s) for s in ("train", "validation", "test")}
+def test_request_sets_train_on_their_training_prompts_only():
+    cfg = documents.DocumentDataConfig(request_sets=("xstest", "jbb"))
+    by_split = {s: documents.request_examples(cfg, s) for s in ("train", "validation", "test")}
     texts = {s: {e.text for e in ex} for s, ex in by_split.items()}
     assert not (texts["train"] & texts["test"]) and not (texts["validation"] & texts["test"])
-    assert len(by_split["train"]) == cfg.xstest_train_copies * len(texts["train"])
+    assert len(by_split["train"]) == cfg.request_train_copies * len(texts["train"])
     assert len({e.id for e in by_split["train"]}) == len(by_split["train"])  # ids stay unique
+    assert {e.source for e in by_split["train"]} == {"xstest", "jbb"}
     held_out = documents.eval_sets(cfg, "test")
-    assert {d.text for name in ("xstest_safe", "xstest_unsafe") for d in held_out[name]} == texts["test"]
-    assert not documents.xstest_examples(documents.DocumentDataConfig(xstest=False), "train")
+    assert {d.text for name in ("xstest_safe", "xstest_unsafe", "jbb_benign", "jbb_harmful")
+            for d in held_out[name]} == texts["test"]
+    assert not documents.request_examples(documents.DocumentDataConfig(request_sets=()), "train")
+    assert set(documents.benign_requests(cfg, "validation")) == {"xstest_safe", "jbb_benign"}
+    with pytest.raises(errors.UserError, match="unknown request_sets"):
+        documents.DocumentDataConfig(request_sets=("nope",))
+
+
+def test_jbb_pairs_share_their_split():
+    jbb = documents.load_jbb()
+    assert sum(len(docs) for docs in jbb["jbb_benign"].values()) == 100
+    for split in ("train", "validation", "test"):
+        benign = {d.id.split(":")[1] for d in jbb["jbb_benign"][split]}
+        assert benign and benign == {d.id.split(":")[1] for d in jbb["jbb_harmful"][split]}
+    assert all(d.score == 4 for d in jbb["jbb_harmful"]["train"]) and all(d.score == 0 for d in jbb["jbb_benign"]["test"])
 
 
 def test_labeled_file_errors_name_the_line(tmp_path):

@@ -92,7 +92,7 @@ def calibrate_export(model_dir: str, validation_texts: list[str], validation_lab
     """Fits the export's temperature and bias on the validation examples, then its document rule
     on synthetic documents made of clean validation documents' windows and those examples, and
     the rule's per-level thresholds. The benign sets are each clean source's validation
-    documents whole and `benign_texts` (e.g. XSTest's safe validation prompts); labeled score-0
+    documents whole and `benign_texts` (e.g. the request sets' benign validation prompts); labeled score-0
     snippets are not among them (their labels are noisy: tweets labeled "neither" are often
     crude, and a corpus filter's bar is about documents).
 

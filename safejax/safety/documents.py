@@ -8,10 +8,12 @@ document's windows never straddle training and evaluation:
   - the bundled corpus files (safejax/assets/corpus) as documents, with what each source is
     expected to score (EXPECTATIONS: most of these sources have no labels, so the bar is a share
     of documents, written down with its reason);
-  - XSTest (safejax/assets/prompts): benign prompts full of trigger words ("kill a Python
-    process"), labeled safe, and their unsafe contrasts. Split by prompt id like the documents:
-    its training prompts are the hard negatives the labeled sets lack (benign requests with
-    violent words) and requests for harm, its test prompts are never trained on;
+  - request sets (safejax/assets/prompts), benign requests beside requests for harm on the same
+    topics: XSTest (benign prompts full of trigger words, "kill a Python process", and their
+    unsafe contrasts) and JailbreakBench's benign behaviors with the harmful behavior each one
+    mirrors. Split by prompt id like the documents: their training prompts are the hard
+    negatives the labeled sets lack (benign requests with violent words) and requests for harm,
+    their test prompts are never trained on;
   - any labeled JSONL a user gives ({"id", "text", "score"});
   - training examples of the length the classifier scores at: windows of the clean sources'
     training documents (score 0), the same windows with a labeled snippet spliced in (the
@@ -39,6 +41,7 @@ from safejax.safety.windows import window_spans
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "prompts")
 XSTEST_FILE = os.path.join(PROMPTS_DIR, "xstest_prompts.csv.gz")
+JBB_FILE = os.path.join(PROMPTS_DIR, "jbb_benign_behaviors.csv.gz")
 SPLITS = labeled.SPLITS
 
 # What a held-out document of each source should score, as shares of its documents. The corpus
@@ -49,7 +52,8 @@ SPLITS = labeled.SPLITS
 #   - Shakespeare: violence, insults and bawdy jokes on the stage are real, so a few plays' scenes
 #     may be moderate (3), few clear (4+);
 #   - 4chan threads (/pol/-style boards, unfiltered): most contain slurs or group insults (3+);
-#   - XSTest: labeled; its safe prompts are benign, its unsafe ones requests for harm.
+#   - XSTest: labeled; its safe prompts are benign, its unsafe ones requests for harm. JBB's
+#     pairs, where asked for, are evaluated with histograms and no bar.
 # Each entry: (comparison, score level, share). ("share_le", 2, 0.90) = at least 90% score <= 2;
 # ("max_share_ge", 4, 0.03) = at most 3% score >= 4; ("share_ge", 3, 0.80) = at least 80% score >= 3.
 EXPECTATIONS = {
@@ -88,9 +92,9 @@ class DocumentDataConfig:
     clean_sources: Sequence[str] = ("wikitext2", "state_union", "inaugural", "web_samples")
     eval_sources: Sequence[str] = ("wikitext2", "state_union", "inaugural", "web_samples",
                                    "tinyshakespeare", "4chan_sample")
-    xstest: bool = True
-    xstest_split_fractions: Sequence[float] = (0.4, 0.2, 0.4)
-    xstest_train_copies: int = 4  # each training prompt this many times (180 prompts among ~13k examples; 0: none)
+    request_sets: Sequence[str] = ("xstest",)  # of REQUEST_SETS
+    request_split_fractions: Sequence[float] = (0.4, 0.2, 0.4)
+    request_train_copies: int = 4  # each training prompt this many times (XSTest: 180 among ~13k examples; 0: none)
     labeled_files: Sequence[str] = ()  # user JSONL {"id", "text", "score"}, evaluated per file
     split_fractions: Sequence[float] = (0.5, 0.2, 0.3)
     seed: int = 42
@@ -100,6 +104,9 @@ class DocumentDataConfig:
     thread_snippets: tuple[int, int] = (3, 8)
 
     def __post_init__(self):
+        if set(self.request_sets) - set(REQUEST_SETS):
+            raise errors.UserError(f"DocumentDataConfig: unknown request_sets {sorted(set(self.request_sets) - set(REQUEST_SETS))}; "
+                                   f"known: {sorted(REQUEST_SETS)}")
         known = set(EXPECTATIONS) | set(self._file_sources())
         unknown = [s for s in (*self.clean_sources, *self.eval_sources) if s not in known]
         if unknown and not self.corpus_files:
@@ -139,7 +146,7 @@ def load_corpus(cfg: DocumentDataConfig) -> dict[str, dict[str, list[Document]]]
 def load_xstest(path: str = XSTEST_FILE, seed: int = 42,
                 fractions: Sequence[float] = (0.4, 0.2, 0.4)) -> dict[str, dict[str, list[Document]]]:
     """XSTest's prompts as {"xstest_safe" | "xstest_unsafe": {split: documents}}, scored
-    rubric.XSTEST_SCORES, split by a seeded hash of the prompt id."""
+    rubric.REQUEST_SCORES, split by a seeded hash of the prompt id."""
     out = {f"xstest_{label}": {s: [] for s in SPLITS} for label in ("safe", "unsafe")}
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8", newline="") as f:
@@ -147,9 +154,46 @@ def load_xstest(path: str = XSTEST_FILE, seed: int = 42,
             if row.get("label") not in ("safe", "unsafe") or not (row.get("prompt") or "").strip():
                 raise errors.UserError(f"{path} line {line}: expected label safe/unsafe and a prompt")
             doc = Document(f"xstest:{row['id']}", f"xstest_{row['label']}", row["prompt"],
-                           rubric.XSTEST_SCORES[row["label"]])
+                           rubric.REQUEST_SCORES[row["label"]])
             out[doc.source][split_of(doc.id, seed, fractions)].append(doc)
     return out
+
+
+def load_jbb(path: str = JBB_FILE, seed: int = 42,
+             fractions: Sequence[float] = (0.4, 0.2, 0.4)) -> dict[str, dict[str, list[Document]]]:
+    """JailbreakBench's benign behaviors and the harmful behavior each one mirrors, as
+    {"jbb_benign" | "jbb_harmful": {split: documents}} scored rubric.REQUEST_SCORES. A pair shares
+    its split (a seeded hash of the behavior's index): a contrast is trained on whole or not at all."""
+    out = {f"jbb_{kind}": {s: [] for s in SPLITS} for kind in ("benign", "harmful")}
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            benign, harmful = (row.get("Goal") or "").strip(), (row.get("HarmfulGoal") or "").strip()
+            if not (benign and harmful and (row.get("Index") or "").strip()):
+                raise errors.UserError(f"{path} line {line}: expected Index, Goal and HarmfulGoal")
+            split = split_of(f"jbb:{row['Index']}", seed, fractions)
+            out["jbb_benign"][split].append(Document(f"jbb:{row['Index']}:benign", "jbb_benign", benign,
+                                                     rubric.REQUEST_SCORES["safe"]))
+            out["jbb_harmful"][split].append(Document(f"jbb:{row['Index']}:harmful", "jbb_harmful", harmful,
+                                                      rubric.REQUEST_SCORES["unsafe"]))
+    return out
+
+
+REQUEST_SETS = {"xstest": load_xstest, "jbb": load_jbb}
+
+
+def load_requests(cfg: DocumentDataConfig) -> dict[str, dict[str, list[Document]]]:
+    """{source: {split: documents}} of every request set in `cfg.request_sets`."""
+    out = {}
+    for name in cfg.request_sets:
+        out.update(REQUEST_SETS[name](seed=cfg.seed, fractions=cfg.request_split_fractions))
+    return out
+
+
+def benign_requests(cfg: DocumentDataConfig, split: str) -> dict[str, list[str]]:
+    """The benign (score 0) sources' `split` prompts of the request sets, as texts."""
+    return {name: [d.text for d in parts[split]] for name, parts in load_requests(cfg).items()
+            if all(d.score == 0 for docs in parts.values() for d in docs)}
 
 
 def load_labeled_file(path: str) -> list[Document]:
@@ -178,24 +222,19 @@ def eval_sets(cfg: DocumentDataConfig, split: str) -> dict[str, list[Document]]:
     """The documents of `split` of every evaluated source; user files are held out whole."""
     corpus = load_corpus(cfg)
     out = {name: corpus[name][split] for name in cfg.eval_sources if name in corpus}
-    if cfg.xstest:
-        out.update({name: parts[split] for name, parts in
-                     load_xstest(seed=cfg.seed, fractions=cfg.xstest_split_fractions).items()})
+    out.update({name: parts[split] for name, parts in load_requests(cfg).items()})
     if split != "train":
         for path in cfg.labeled_files:
             out[source_name(path)] = load_labeled_file(path)
     return out
 
 
-def xstest_examples(cfg: DocumentDataConfig, split: str) -> list[labeled.Example]:
-    """XSTest's `split` prompts as labeled examples (training prompts `xstest_train_copies`
-    times each), or none when `cfg.xstest` is off."""
-    if not cfg.xstest:
-        return []
-    copies = cfg.xstest_train_copies if split == "train" else 1
-    parts = load_xstest(seed=cfg.seed, fractions=cfg.xstest_split_fractions)
-    return [labeled.Example(f"{d.id}:{c}" if c else d.id, "xstest", d.text, d.score)
-            for name in sorted(parts) for d in parts[name][split] for c in range(copies)]
+def request_examples(cfg: DocumentDataConfig, split: str) -> list[labeled.Example]:
+    """The request sets' `split` prompts as labeled examples (training prompts
+    `request_train_copies` times each); the example's source is the set ("xstest", "jbb")."""
+    copies = cfg.request_train_copies if split == "train" else 1
+    return [labeled.Example(f"{d.id}:{c}" if c else d.id, d.id.split(":")[0], d.text, d.score)
+            for name, parts in sorted(load_requests(cfg).items()) for d in parts[split] for c in range(copies)]
 
 
 # ---- long training examples ----

@@ -39,9 +39,9 @@ OPENAI_SCORES = {
 # groups; "offensive" mostly profanity and insults at people without a group target.
 DAVIDSON_SCORES = {"0": 4, "1": 3, "2": 0}
 
-# XSTest prompts: its safe prompts are benign requests that only sound harmful; its unsafe ones
-# ask for help with a harmful act, treated as that act's clear level (the RefuseWeb kind).
-XSTEST_SCORES = {"safe": 0, "unsafe": 4}
+# Request sets (XSTest, JailbreakBench pairs): a benign request that may only sound harmful, and
+# a request for help with a harmful act, treated as that act's clear level (the RefuseWeb kind).
+REQUEST_SCORES = {"safe": 0, "unsafe": 4}
 # Do-Not-Answer requests by risk area: requests for help with a harmful act (weapons, fraud,
 # hacking) or for private information about a person or organisation, the RefuseWeb kind like
 # XSTest's unsafe prompts. Only these two areas are bundled; the others (chatbot-relationship and

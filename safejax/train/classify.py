@@ -245,12 +245,12 @@ def eval_batches(data: Encoded, batch_size: int, seq_len: int) -> list[dict]:
 
 def examples(data_cfg: labeled.LabeledDataConfig, doc_cfg: documents.DocumentDataConfig, tokenizer,
              seq_len: int) -> tuple[dict[str, list[labeled.Example]], labeled.LoadResult]:
-    """Each split's labeled snippets and XSTest prompts plus its long examples
+    """Each split's labeled snippets and request-set prompts plus its long examples
     (safety/documents.py), built from that split's snippets and documents only."""
     splits, loaded = labeled.load(data_cfg)
     cutter = documents.WindowCutter(tokenizer, seq_len - 2)
     for name in ("train", "validation"):
-        splits[name] = splits[name] + documents.xstest_examples(doc_cfg, name)
+        splits[name] = splits[name] + documents.request_examples(doc_cfg, name)
         windows = documents.clean_windows(doc_cfg, name, cutter)
         splits[name] = splits[name] + documents.long_examples(
             doc_cfg, splits[name], windows, name, cutter.count, cutter.window)
@@ -324,9 +324,7 @@ def train(workdir: str) -> dict:
         export(jax.device_get(state["params"]), model, model_dir)
         corpus = documents.load_corpus(doc_cfg)
         clean = {name: [d.text for d in corpus[name]["validation"]] for name in doc_cfg.clean_sources}
-        benign = ({"xstest_safe": [d.text for d in documents.load_xstest(
-            seed=doc_cfg.seed, fractions=doc_cfg.xstest_split_fractions)["xstest_safe"]["validation"]]}
-                  if doc_cfg.xstest else {})
+        benign = documents.benign_requests(doc_cfg, "validation")
         val_texts, val_labels = [e.text for e in built.calibration], np.array([e.score for e in built.calibration])
         summary["calibration"], val_probs = calibration.calibrate_export(
             model_dir, val_texts, val_labels, clean, data_cfg.seed, train_cfg.batch_size,
