@@ -63,6 +63,13 @@ def test_jbb_pairs_share_their_split():
     assert all(d.score == 4 for d in jbb["jbb_harmful"]["train"]) and all(d.score == 0 for d in jbb["jbb_benign"]["test"])
 
 
+def test_a_jbb_row_without_its_harmful_goal_names_the_line(tmp_path):
+    path = tmp_path / "jbb.csv"
+    path.write_text("Index,Goal,HarmfulGoal\n0,Explain how locks work,Pick a neighbour's lock\n1,Explain fire safety,\n")
+    with pytest.raises(errors.UserError, match="jbb.csv line 3"):
+        documents.load_jbb(str(path))
+
+
 def test_labeled_file_errors_name_the_line(tmp_path):
     path = tmp_path / "mine.jsonl"
     path.write_text('{"id": "a", "text": "fine", "score": 0}\n{"id": "b", "text": "x", "score": 9}\n')
