@@ -143,19 +143,24 @@ def load_corpus(cfg: DocumentDataConfig) -> dict[str, dict[str, list[Document]]]
     return out
 
 
+def _csv_rows(path: str):
+    """(line number, row) of a gzipped or plain CSV file with a header line."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
+        yield from enumerate(csv.DictReader(f), start=2)
+
+
 def load_xstest(path: str = XSTEST_FILE, seed: int = 42,
                 fractions: Sequence[float] = (0.4, 0.2, 0.4)) -> dict[str, dict[str, list[Document]]]:
     """XSTest's prompts as {"xstest_safe" | "xstest_unsafe": {split: documents}}, scored
     rubric.REQUEST_SCORES, split by a seeded hash of the prompt id."""
     out = {f"xstest_{label}": {s: [] for s in SPLITS} for label in ("safe", "unsafe")}
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        for line, row in enumerate(csv.DictReader(f), start=2):
-            if row.get("label") not in ("safe", "unsafe") or not (row.get("prompt") or "").strip():
-                raise errors.UserError(f"{path} line {line}: expected label safe/unsafe and a prompt")
-            doc = Document(f"xstest:{row['id']}", f"xstest_{row['label']}", row["prompt"],
-                           rubric.REQUEST_SCORES[row["label"]])
-            out[doc.source][split_of(doc.id, seed, fractions)].append(doc)
+    for line, row in _csv_rows(path):
+        if row.get("label") not in ("safe", "unsafe") or not (row.get("prompt") or "").strip():
+            raise errors.UserError(f"{path} line {line}: expected label safe/unsafe and a prompt")
+        doc = Document(f"xstest:{row['id']}", f"xstest_{row['label']}", row["prompt"],
+                       rubric.REQUEST_SCORES[row["label"]])
+        out[doc.source][split_of(doc.id, seed, fractions)].append(doc)
     return out
 
 
@@ -165,17 +170,15 @@ def load_jbb(path: str = JBB_FILE, seed: int = 42,
     {"jbb_benign" | "jbb_harmful": {split: documents}} scored rubric.REQUEST_SCORES. A pair shares
     its split (a seeded hash of the behavior's index): a contrast is trained on whole or not at all."""
     out = {f"jbb_{kind}": {s: [] for s in SPLITS} for kind in ("benign", "harmful")}
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="") as f:
-        for line, row in enumerate(csv.DictReader(f), start=2):
-            benign, harmful = (row.get("Goal") or "").strip(), (row.get("HarmfulGoal") or "").strip()
-            if not (benign and harmful and (row.get("Index") or "").strip()):
-                raise errors.UserError(f"{path} line {line}: expected Index, Goal and HarmfulGoal")
-            split = split_of(f"jbb:{row['Index']}", seed, fractions)
-            out["jbb_benign"][split].append(Document(f"jbb:{row['Index']}:benign", "jbb_benign", benign,
-                                                     rubric.REQUEST_SCORES["safe"]))
-            out["jbb_harmful"][split].append(Document(f"jbb:{row['Index']}:harmful", "jbb_harmful", harmful,
-                                                      rubric.REQUEST_SCORES["unsafe"]))
+    for line, row in _csv_rows(path):
+        benign, harmful = (row.get("Goal") or "").strip(), (row.get("HarmfulGoal") or "").strip()
+        if not (benign and harmful and (row.get("Index") or "").strip()):
+            raise errors.UserError(f"{path} line {line}: expected Index, Goal and HarmfulGoal")
+        split = split_of(f"jbb:{row['Index']}", seed, fractions)
+        out["jbb_benign"][split].append(Document(f"jbb:{row['Index']}:benign", "jbb_benign", benign,
+                                                 rubric.REQUEST_SCORES["safe"]))
+        out["jbb_harmful"][split].append(Document(f"jbb:{row['Index']}:harmful", "jbb_harmful", harmful,
+                                                  rubric.REQUEST_SCORES["unsafe"]))
     return out
 
 
